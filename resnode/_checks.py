@@ -1,0 +1,32 @@
+"""Argument checks shared by the library: every bad argument raises ``ValueError`` naming it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def positive_int(name: str, value) -> int:
+    """Return ``value`` as an int if it is an integer >= 1, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def positive_float(name: str, value) -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise ``ValueError``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def one_of(name: str, value, allowed: Iterable):
+    """Return ``value`` if it is in ``allowed``, else raise ``ValueError`` listing the choices."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value

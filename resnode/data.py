@@ -1,0 +1,161 @@
+"""Datasets of the book: synthetic Gaussian data, scikit-learn digits, Fashion-MNIST (IDX), CIFAR-10 (python format).
+
+Nothing is downloaded. Each file-backed loader looks in, in order: the ``root`` argument, the
+dataset's environment variable, then its default folder; a missing dataset raises
+``DatasetNotFoundError`` naming the dataset, the folders searched and how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _checks
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where resnode looked for them."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs, targets and the name of what they are (every figure says which dataset it ran on)."""
+
+    inputs: Tensor
+    targets: Tensor
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+_SOURCES = {
+    "fashion-mnist": ("RESNODE_FASHION_MNIST", ["/usr/share/datasets/fashion-mnist"],
+                      "install Debian's package (apt-get install dataset-fashion-mnist) or put the four "
+                      "*-idx?-ubyte.gz files of github.com/zalandoresearch/fashion-mnist in a folder"),
+    "cifar-10": ("RESNODE_CIFAR10", ["~/.cache/resnode/cifar-10-batches-py", "data/cifar-10-batches-py"],
+                 "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
+                 "extract it; the folder holds data_batch_1..5 and test_batch"),
+}
+
+
+def find_root(dataset: str, root: str | os.PathLike | None, required: list[str]) -> Path:
+    """The first of (``root``, the dataset's environment variable, its defaults) holding every ``required`` file."""
+    env, defaults, how = _SOURCES[_checks.one_of("dataset", dataset, tuple(_SOURCES))]
+    candidates = [root] if root is not None else [os.environ.get(env)] + defaults
+    tried = []
+    for candidate in candidates:
+        if not candidate:
+            continue
+        folder = Path(candidate).expanduser()
+        tried.append(str(folder))
+        if all((folder / name).is_file() for name in required):
+            return folder
+    where = ", ".join(tried) if tried else "nowhere"
+    raise DatasetNotFoundError(
+        f"{dataset} not found: looked in {where} for {', '.join(required)}. To get it, {how}; "
+        f"then pass root=<folder> or set {env}=<folder>."
+    )
+
+
+def synthetic_gaussian(n: int, dim: int, out_dim: int | None = None, seed: int = 0,
+                       dtype: torch.dtype = torch.float64) -> Dataset:
+    """``n`` independent pairs ``x_i ~ N(0, I_dim)``, ``y_i ~ N(0, I_out_dim)`` (Marion et al. Section 5.1)."""
+    n, dim = _checks.positive_int("n", n), _checks.positive_int("dim", dim)
+    out_dim = dim if out_dim is None else _checks.positive_int("out_dim", out_dim)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=generator, dtype=dtype)
+    y = torch.randn(n, out_dim, generator=generator, dtype=dtype)
+    return Dataset(x, y, f"synthetic Gaussian (n={n}, d={dim}, seed={seed})")
+
+
+def digits(dtype: torch.dtype = torch.float32) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1], shape ``(n, 1, 8, 8)``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images / 16.0, dtype=dtype).unsqueeze(1)
+    return Dataset(x, torch.as_tensor(bunch.target, dtype=torch.long), "scikit-learn digits (8x8)")
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not): magic ``0x0000TTDD`` (T type, D dimensions), sizes, then the data."""
+    path = Path(path)
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (magic bytes {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(v) for v in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: IDX header announces shape {shape} ({expected} bytes) but the file has {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).copy()
+
+
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, limit: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> Dataset:
+    """Fashion-MNIST from its IDX files: images ``(n, 1, 28, 28)`` in [0, 1], labels 0..9.
+
+    Checks the magic numbers (2051 images, 2049 labels), the 28x28 size and that counts agree.
+    ``limit`` keeps the first ``limit`` examples.
+    """
+    images_file, labels_file = _FASHION_FILES[_checks.one_of("split", split, tuple(_FASHION_FILES))]
+    folder = find_root("fashion-mnist", root, [images_file, labels_file])
+    images, labels = read_idx(folder / images_file), read_idx(folder / labels_file)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise ValueError(f"{folder / images_file}: expected uint8 images of 28x28, got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{folder}: {len(images)} images but labels of shape {labels.shape}")
+    if limit is not None:
+        limit = _checks.positive_int("limit", limit)
+        images, labels = images[:limit], labels[:limit]
+    x = torch.as_tensor(images.astype(np.float32) / 255.0, dtype=dtype).unsqueeze(1)
+    return Dataset(x, torch.as_tensor(labels.astype(np.int64)), f"Fashion-MNIST {split} ({len(x)} images)")
+
+
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def cifar10(split: str = "train", root: str | os.PathLike | None = None, limit: int | None = None,
+            dtype: torch.dtype = torch.float32) -> Dataset:
+    """CIFAR-10 from its python-format batches: images ``(n, 3, 32, 32)`` in [0, 1], labels 0..9.
+
+    Each batch is a pickle holding ``b'data'`` (uint8 rows of 3,072 = 3x32x32 values, channel-major)
+    and ``b'labels'``.
+    """
+    files = _CIFAR_FILES[_checks.one_of("split", split, tuple(_CIFAR_FILES))]
+    folder = find_root("cifar-10", root, files)
+    images, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data, batch_labels = np.asarray(batch[b"data"]), list(batch[b"labels"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(batch_labels) != len(data):
+            raise ValueError(f"{folder / name}: expected uint8 data of shape (n, 3072) with n labels, "
+                             f"got {data.dtype} {data.shape} and {len(batch_labels)} labels")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.extend(batch_labels)
+    x, y = np.concatenate(images), np.asarray(labels, dtype=np.int64)
+    if limit is not None:
+        limit = _checks.positive_int("limit", limit)
+        x, y = x[:limit], y[:limit]
+    if y.min() < 0 or y.max() > 9:
+        raise ValueError(f"{folder}: CIFAR-10 labels must lie in 0..9")
+    return Dataset(torch.as_tensor(x.astype(np.float32) / 255.0, dtype=dtype), torch.as_tensor(y),
+                   f"CIFAR-10 {split} ({len(x)} images)")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: set-up, then in one pytest run and in this order
+#   1. the unit tests of resnode (tests/unit),
+#   2. nbval over every chapter notebook (re-executes the book profile, checks the claim cells' outputs),
+#   3. a papermill run of every chapter with profile="smoke",
+#   4. the book build from the validated outputs, warnings as errors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/setup.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+exec python3 -m pytest tests/unit \
+  --nbval-lax --nbval-current-env --nbval-cell-timeout=900 book \
+  tests/integration/test_smoke_profiles.py tests/integration/test_book_build.py "$@"

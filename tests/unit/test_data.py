@@ -1,0 +1,112 @@
+"""Data loaders, tested on small files written in each dataset's own format."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from resnode import data
+
+
+def write_idx(path, array, type_code=0x08):
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 5)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    return tmp_path
+
+
+def test_fashion_mnist_reads_idx_files(fashion_dir):
+    train = data.fashion_mnist("train", root=fashion_dir)
+    test = data.fashion_mnist("test", root=fashion_dir, limit=3)
+    assert train.inputs.shape == (12, 1, 28, 28) and len(test) == 3
+    assert 0.0 <= train.inputs.min() and train.inputs.max() <= 1.0
+    raw = data.read_idx(fashion_dir / "train-images-idx3-ubyte.gz")
+    torch.testing.assert_close(train.inputs[:, 0] * 255, torch.as_tensor(raw, dtype=torch.float32))
+    assert train.targets.dtype == torch.long and "Fashion-MNIST train" in train.name
+
+
+def test_fashion_mnist_from_environment_variable(fashion_dir, monkeypatch):
+    monkeypatch.setenv("RESNODE_FASHION_MNIST", str(fashion_dir))
+    assert len(data.fashion_mnist("test")) == 5
+
+
+def test_idx_checks_magic_and_size(tmp_path):
+    bad_magic = tmp_path / "bad.gz"
+    with gzip.open(bad_magic, "wb") as handle:
+        handle.write(b"\x01\x02\x08\x01" + struct.pack(">I", 3) + b"abc")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(bad_magic)
+    truncated = tmp_path / "short.gz"
+    with gzip.open(truncated, "wb") as handle:
+        handle.write(b"\x00\x00\x08\x01" + struct.pack(">I", 10) + b"abc")
+    with pytest.raises(ValueError, match="announces shape"):
+        data.read_idx(truncated)
+
+
+def test_fashion_mnist_rejects_wrong_image_size(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 27, 28), dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(2, dtype=np.uint8))
+    with pytest.raises(ValueError, match="28x28"):
+        data.fashion_mnist(root=tmp_path)
+
+
+def test_missing_dataset_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESNODE_CIFAR10", raising=False)
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.cifar10(root=tmp_path / "nowhere")
+    message = str(info.value)
+    assert "cifar-10" in message and "nowhere" in message and "RESNODE_CIFAR10" in message
+    assert "cs.toronto.edu" in message
+
+
+def write_cifar(folder, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+        batches[name] = batch
+    return batches
+
+
+def test_cifar10_reads_python_batches(tmp_path):
+    batches = write_cifar(tmp_path / "cifar-10-batches-py")
+    train = data.cifar10("train", root=tmp_path / "cifar-10-batches-py")
+    test = data.cifar10("test", root=tmp_path / "cifar-10-batches-py")
+    assert train.inputs.shape == (20, 3, 32, 32) and test.inputs.shape == (4, 3, 32, 32)
+    # channel-major rows: the first 1,024 values are the red plane of image 0
+    first = batches["data_batch_1"][b"data"][0]
+    torch.testing.assert_close(train.inputs[0, 0].flatten() * 255, torch.as_tensor(first[:1024], dtype=torch.float32))
+    assert train.targets[:4].tolist() == batches["data_batch_1"][b"labels"]
+
+
+def test_cifar10_rejects_malformed_batches(tmp_path):
+    folder = tmp_path / "c"
+    write_cifar(folder)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"data": np.zeros((2, 100), dtype=np.uint8), b"labels": [0, 1]}, handle)
+    with pytest.raises(ValueError, match="3072"):
+        data.cifar10("test", root=folder)
+
+
+def test_synthetic_and_digits():
+    a, b = data.synthetic_gaussian(10, 4, seed=1), data.synthetic_gaussian(10, 4, seed=1)
+    assert torch.equal(a.inputs, b.inputs) and a.targets.shape == (10, 4)
+    digits = data.digits()
+    assert digits.inputs.shape == (1797, 1, 8, 8) and set(digits.targets.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="split"):
+        data.fashion_mnist("validation")

@@ -1,0 +1,49 @@
+"""Profiles, rate fits, the training loop and the plotting helpers."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from resnode import metrics, plotting, profiles, train
+
+
+def test_loglog_slope_recovers_exponents():
+    x = np.array([2.0, 4, 8, 16])
+    assert metrics.loglog_slope(x, 3 * x**-1.5) == pytest.approx(-1.5)
+    with pytest.raises(ValueError, match="positive"):
+        metrics.loglog_slope(x, -x)
+
+
+def test_profiles():
+    s = profiles.settings("smoke", smoke={"n": 1}, book={"n": 2}, paper={"n": 3})
+    assert s.n == 1 and s.profile == "smoke"
+    with pytest.raises(ValueError, match="profile"):
+        profiles.settings("quick", smoke={"n": 1}, book={"n": 2}, paper={"n": 3})
+    with pytest.raises(ValueError, match="different settings"):
+        profiles.settings("book", smoke={"n": 1}, book={"m": 2}, paper={"n": 3})
+
+
+def test_fit_minimises_a_quadratic():
+    w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+    history = train.fit([w], lambda: ((w - 1) ** 2).sum(), steps=200, lr=0.1, optimizer="sgd")
+    assert history[-1] < 1e-10 < history[0]
+    with pytest.raises(ValueError, match="optimizer"):
+        train.fit([w], lambda: (w**2).sum(), steps=1, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        train.fit([w], lambda: (w**2).sum() * float("nan"), steps=1, lr=0.1)
+
+
+def test_plotting_helpers():
+    import matplotlib.pyplot as plt
+
+    plotting.use_book_style()
+    fig, ax = plt.subplots()
+    plotting.reference_slope(ax, [1, 10], 1.0, -1.0)
+    plotting.ran_on(fig, "synthetic data, smoke profile")
+    assert ax.lines[0].get_ydata()[-1] == pytest.approx(0.1)
+    assert any("smoke profile" in t.get_text() for t in fig.texts)
+    plt.close(fig)
