@@ -1,4 +1,4 @@
-"""Initialisations of stacked residual weights across depth: zero, tied, i.i.d., smooth (Gaussian process).
+"""Initialisations of stacked residual weights across depth: zero, tied, i.i.d., smooth (Gaussian process), alternating.
 
 The smooth kind samples every entry as an independent zero-mean Gaussian process in depth with the
 RBF covariance ``K(s, s') = std^2 exp(-(s - s')^2 / (2 l^2))`` on the grid ``s_k = k * spacing``
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _checks
 
-INIT_KINDS = ("zero", "tied", "iid", "smooth")
+INIT_KINDS = ("zero", "tied", "iid", "smooth", "alternating")
 
 
 def rbf_kernel(lag: Tensor, lengthscale: float) -> Tensor:
@@ -63,6 +63,10 @@ def _one(kind: str, depth: int, shape: Sequence[int], std: float, lengthscale: f
         return torch.zeros(depth, *shape, dtype=dtype)
     if kind == "tied":
         return (std * torch.randn(*shape, generator=generator, dtype=dtype)).expand(depth, *shape).clone()
+    if kind == "alternating":
+        signs = 1.0 - 2.0 * (torch.arange(depth) % 2).to(dtype)
+        tied = std * torch.randn(*shape, generator=generator, dtype=dtype)
+        return signs.reshape(depth, *(1,) * len(shape)) * tied
     if kind == "iid":
         return std * torch.randn(depth, *shape, generator=generator, dtype=dtype)
     return gaussian_process(depth, spacing, shape, lengthscale, std, generator, dtype)
@@ -76,7 +80,8 @@ def init_weights(kind: str | Sequence[str], depth: int, shapes: Sequence[Sequenc
     Kinds: ``zero``; ``tied`` (one N(0, std^2) draw repeated over depth, Marion et al.'s weight-tied
     init); ``iid`` (independent N(0, std^2) per layer); ``smooth`` (Gaussian process across depth,
     marginal N(0, std^2), RBF length-scale ``lengthscale`` on the grid ``k * spacing``,
-    ``spacing = 1/depth`` by default).
+    ``spacing = 1/depth`` by default); ``alternating`` (a tied draw times ``(-1)^k``: the oscillating
+    weights of Sander et al.'s second counterexample, Section 3.1).
     """
     depth = _checks.positive_int("depth", depth)
     kinds = (kind,) * len(shapes) if isinstance(kind, str) else tuple(kind)

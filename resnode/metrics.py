@@ -13,3 +13,17 @@ def loglog_slope(x, y) -> float:
     if (x <= 0).any() or (y <= 0).any():
         raise ValueError("loglog_slope needs positive x and y")
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def crossings(paths) -> int:
+    """Number of times two 1-D trajectories swap order from one layer to the next (Sander et al. Fig. 1).
+
+    ``paths`` is ``(layers + 1, points)``. The flow of a 1-D ODE never lets trajectories meet, so
+    for it this is 0; a ResNet layer ``h + a f(h)`` with ``a Lip(f) < 1`` is increasing, so 0 too.
+    """
+    paths = np.asarray(paths, dtype=float)
+    if paths.ndim != 2:
+        raise ValueError(f"paths must be (layers + 1, points); got shape {paths.shape}")
+    order = np.sign(paths[:, :, None] - paths[:, None, :])  # (layers + 1, points, points)
+    upper = np.triu(np.ones(paths.shape[1], dtype=bool), k=1)
+    return int((order[1:] != order[:-1])[:, upper].sum())

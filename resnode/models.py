@@ -187,18 +187,22 @@ class ResNet(nn.Module):
 
     ``depth`` is the number of residual steps; Heun holds ``depth + 1`` weights. ``init`` is a kind of
     ``resnode.init.INIT_KINDS`` (or one per weight tensor); ``scaling`` picks the step of ``step_size``.
+    With ``copies=S``, ``S`` independent networks run at once (seeds): every weight tensor gets a
+    dimension of size ``S`` after depth, and inputs must be ``(S, batch, dim)``.
     """
 
     def __init__(self, residual, depth: int, init="iid", scaling: str = "1/L", beta: float | None = None,
                  integrator: str = "euler", std: float = 1.0, lengthscale: float = 0.1,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                 copies: int | None = None):
         super().__init__()
         self.residual = residual
         self.depth = _checks.positive_int("depth", depth)
         self.integrator = _checks.one_of("integrator", integrator, tuple(INTEGRATORS))
         self.step = step_size(depth, scaling, beta)
         knots = depth + (integrator == "heun")
-        weights = init_weights(init, knots, residual.shapes, std=std, lengthscale=lengthscale,
+        shapes = residual.shapes if copies is None else [(_checks.positive_int("copies", copies),) + s for s in residual.shapes]
+        weights = init_weights(init, knots, shapes, std=std, lengthscale=lengthscale,
                                spacing=1.0 / depth, generator=generator, dtype=dtype)
         self.weights = nn.ParameterList(nn.Parameter(w) for w in weights)
 

@@ -43,3 +43,9 @@ def test_bad_kind_or_count():
         init.init_weights(("zero",), 4, [(2,), (2,)])
     with pytest.raises(ValueError, match="lengthscale"):
         init.gaussian_process(4, 0.25, (1,), lengthscale=-1.0)
+
+
+def test_alternating_flips_sign_every_layer():
+    (w,) = init.init_weights("alternating", 7, [(3, 2)], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w[1:], -w[:-1])
+    torch.testing.assert_close(w[::2], w[0].expand(4, 3, 2))

@@ -29,12 +29,12 @@ def test_profiles():
 
 def test_fit_minimises_a_quadratic():
     w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
-    history = train.fit([w], lambda: ((w - 1) ** 2).sum(), steps=200, lr=0.1, optimizer="sgd")
+    history = train.fit([w], lambda step: ((w - 1) ** 2).sum(), steps=200, lr=0.1, optimizer="sgd")
     assert history[-1] < 1e-10 < history[0]
     with pytest.raises(ValueError, match="optimizer"):
-        train.fit([w], lambda: (w**2).sum(), steps=1, lr=0.1, optimizer="lbfgs")
+        train.fit([w], lambda step: (w**2).sum(), steps=1, lr=0.1, optimizer="lbfgs")
     with pytest.raises(FloatingPointError, match="learning rate"):
-        train.fit([w], lambda: (w**2).sum() * float("nan"), steps=1, lr=0.1)
+        train.fit([w], lambda step: (w**2).sum() * float("nan"), steps=1, lr=0.1)
 
 
 def test_plotting_helpers():
@@ -47,3 +47,25 @@ def test_plotting_helpers():
     assert ax.lines[0].get_ydata()[-1] == pytest.approx(0.1)
     assert any("smoke profile" in t.get_text() for t in fig.texts)
     plt.close(fig)
+
+
+def test_continuation_moves_the_target_linearly_then_stops():
+    start, end = torch.zeros(3), torch.tensor([1.0, -2.0, 4.0])
+    target = train.continuation(start, end, ramp_steps=4)
+    torch.testing.assert_close(target(0), start)
+    torch.testing.assert_close(target(1), end / 4)
+    torch.testing.assert_close(target(4), end)
+    torch.testing.assert_close(target(100), end)
+    with pytest.raises(ValueError, match="ramp_steps"):
+        train.continuation(start, end, ramp_steps=0)
+    with pytest.raises(ValueError, match="same shape"):
+        train.continuation(start, end[:2], ramp_steps=3)
+
+
+def test_crossings_counts_order_swaps():
+    x = np.linspace(0.0, 1.0, 5)
+    assert metrics.crossings(np.stack([x, 2 * x, x + 1])) == 0  # increasing maps keep the order
+    assert metrics.crossings(np.stack([x, -x])) == 10  # a reversal swaps all 5 * 4 / 2 pairs once
+    assert metrics.crossings(np.stack([x, -x, x])) == 20  # and back
+    with pytest.raises(ValueError, match="paths"):
+        metrics.crossings(x)

@@ -119,3 +119,18 @@ def test_resnet_module_trains_and_heun_holds_one_more_knot():
     torch.testing.assert_close(out, x)  # zero residuals: identity
     out.sum().backward()
     assert net.weights[0].grad is not None
+
+
+def test_copies_are_independent_networks():
+    res = models.Perceptron(dim=2, width=3, bias=True)
+    net = models.ResNet(res, 6, copies=3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    together = net(x)
+    for s in range(3):
+        single = models.euler(x[s], res, tuple(w[:, s] for w in net.weights), net.step)
+        torch.testing.assert_close(together[s], single)
+    # The gradient of copy 0's loss touches only copy 0's weights.
+    net(x)[0].sum().backward()
+    assert all(w.grad[:, 1:].abs().max() == 0 and w.grad[:, 0].abs().max() > 0 for w in net.weights)
+    with pytest.raises(ValueError, match="copies"):
+        models.ResNet(res, 6, copies=0)
