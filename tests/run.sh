@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" PYDEVD_DISABLE_FILE_VALIDATION=1
 exec python3 -m pytest tests/unit \
   --nbval-lax --nbval-current-env --nbval-cell-timeout=900 book \
   tests/integration/test_smoke_profiles.py tests/integration/test_book_build.py "$@"
