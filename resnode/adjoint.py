@@ -15,6 +15,7 @@ batch statistics of the rebuilt inputs and does not update the running statistic
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -160,6 +161,47 @@ def layers(residual: Callable, stacked: Sequence[Tensor]) -> list[Layer]:
     return [Layer(residual, theta) for theta in zip(*(w.unbind(0) for w in stacked))]
 
 
+def checkpointed(x: Tensor, blocks: Sequence[nn.Module], segments: int, step: float | None = None) -> Tensor:
+    """Euler stack under ``torch.utils.checkpoint``: only segment boundaries are stored (memory ~ segments + N/segments)."""
+    from torch.utils.checkpoint import checkpoint
+
+    steps = num_steps("euler", blocks)
+    step = 1.0 / steps if step is None else step
+    size = math.ceil(steps / _checks.positive_int("segments", segments))
+
+    def run(h, start):
+        for n in range(start, min(start + size, steps)):
+            h = forward_step("euler", blocks, n, h, step)
+        return h
+
+    for start in range(0, steps, size):
+        x = checkpoint(run, x, start, use_reentrant=False)
+    return x
+
+
+class _DepthField(nn.Module):
+    """The piecewise-constant field ``phi(s, x) = f_{floor(N s)}(x)`` of an Euler stack, for torchdiffeq."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, s: Tensor, x: Tensor) -> Tensor:
+        n = min(int(torch.floor(s * len(self.blocks) + 1e-9)), len(self.blocks) - 1)
+        return self.blocks[n](x)
+
+
+def torchdiffeq_adjoint(x: Tensor, blocks: Sequence[nn.Module]) -> Tensor:
+    """The same Euler network through ``torchdiffeq.odeint_adjoint`` (fixed step ``1/N``): the usual memory-free
+    baseline, which integrates the adjoint ODE backwards with the same Euler steps."""
+    from torchdiffeq import odeint_adjoint
+
+    field = _DepthField(blocks)
+    times = torch.tensor([0.0, 1.0], dtype=x.dtype)
+    return odeint_adjoint(field, x, times, method="euler", options={"step_size": 1.0 / len(blocks)},
+                          adjoint_params=tuple(field.parameters()))[-1]
+
+
 def reconstruction_error(x: Tensor, blocks: Sequence[nn.Module], step: float | None = None,
                          method: str = "euler") -> Tensor:
     """``max_n ||x~_n - x_n||`` (norm over all but the first, batch, dimension): the activations rebuilt
@@ -223,4 +265,4 @@ def saved_tensor_bytes(run: Callable[[], Tensor]) -> int:
 
 
 __all__ = ["METHODS", "MODES", "num_steps", "forward_step", "inverse_step", "frozen_running_stats", "integrate",
-           "ResidualStack", "Layer", "layers", "reconstruction_error", "gradient_errors", "saved_tensor_bytes"]
+           "ResidualStack", "Layer", "layers", "checkpointed", "torchdiffeq_adjoint", "reconstruction_error", "gradient_errors", "saved_tensor_bytes"]

@@ -89,3 +89,13 @@ def init_weights(kind: str | Sequence[str], depth: int, shapes: Sequence[Sequenc
         raise ValueError(f"init must be one kind or one per weight tensor ({len(shapes)}); got {kind!r}")
     spacing = 1.0 / depth if spacing is None else spacing
     return tuple(_one(k, depth, tuple(s), std, lengthscale, spacing, generator, dtype) for k, s in zip(kinds, shapes))
+
+
+def coarsen(weights: Sequence[Tensor], depth: int) -> tuple[Tensor, ...]:
+    """The knots ``s = n / depth`` of weights drawn on a finer grid ``s = k / K`` (``K + 1`` knots, ``depth``
+    dividing ``K``): every depth then samples one and the same function of ``s``."""
+    finest = weights[0].shape[0] - 1
+    depth = _checks.positive_int("depth", depth)
+    if finest % depth:
+        raise ValueError(f"depth {depth} must divide the finest grid's {finest} intervals")
+    return tuple(w[:: finest // depth] for w in weights)

@@ -49,3 +49,12 @@ def test_alternating_flips_sign_every_layer():
     (w,) = init.init_weights("alternating", 7, [(3, 2)], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(w[1:], -w[:-1])
     torch.testing.assert_close(w[::2], w[0].expand(4, 3, 2))
+
+
+def test_coarsen_samples_the_same_function():
+    fine = init.init_weights("smooth", 17, [(2,)], spacing=1 / 16, lengthscale=0.3, generator=torch.Generator().manual_seed(0))
+    (coarse,) = init.coarsen(fine, 4)
+    assert coarse.shape == (5, 2)
+    torch.testing.assert_close(coarse, fine[0][::4])
+    with pytest.raises(ValueError, match="divide"):
+        init.coarsen(fine, 3)
