@@ -95,11 +95,12 @@ class _Reconstructed(torch.autograd.Function):
         parameters = _unique_parameters(blocks)
         index = {id(p): i for i, p in enumerate(parameters)}
         grads: list[Tensor | None] = [None] * len(parameters)
+        own = [list(block.parameters()) for block in blocks]
         with frozen_running_stats(blocks):
             for n in reversed(range(num_steps(method, blocks))):
                 with torch.no_grad():
                     x = inverse_step(method, blocks, n, x, step)
-                local = _unique_parameters(blocks[n:n + 1 + (method == "heun")])
+                local = own[n] + [p for p in own[n + 1] if all(p is not q for q in own[n])] if method == "heun" else own[n]
                 with torch.enable_grad():
                     rebuilt = x.detach().requires_grad_()
                     out = forward_step(method, blocks, n, rebuilt, step)
