@@ -1,0 +1,262 @@
+"""resnode's benchmarks: every measurement is a ratio between implementations timed in one run, on one machine.
+
+Sections (all by default; ``--only`` picks some):
+
+- ``engine``: one full-batch gradient step (forward, loss, backward) of Marion et al.'s residual network
+  (GELU perceptron, q = 16, m = 32, n = 100, float32) at L = 64, 1024, 16384: the fused engine
+  (``resnode.engine``) against autograd looping over ``unbind()`` and autograd indexing the stacked
+  tensor ``W[k]`` (quadratic backward, so skipped beyond L = 1024); time per step against L with the
+  fitted exponent; peak memory of a 500-iteration L = 16384 gradient-flow run with the recorders of the
+  Fig. 1 chapter (a child process; its peak resident memory over an idle child's).
+- ``adjoint``: one forward + backward of a depth-1000 Euler ResNet (tanh perceptron, 256 inputs): exact
+  backprop, ``resnode.adjoint``, ``torch.utils.checkpoint``, torchdiffeq's ``odeint_adjoint``; time and the
+  bytes autograd keeps for the backward.
+- ``book``: wall time of every chapter executed with its ``book`` profile (papermill), and the total.
+
+    python benchmarks/run.py                    # everything; writes benchmarks/results.json
+    python benchmarks/run.py --only engine      # one section; other sections' records are kept
+    python benchmarks/run.py --smoke --out F    # seconds: checks the script runs, times nothing of note
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import resnode
+from resnode import adjoint, engine, flow, init, metrics, models, recorders
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("engine", "adjoint", "book")
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+            f"{len(__import__('os').sched_getaffinity(0))} cores, {platform.system()}, torch {torch.__version__}")
+
+
+def record(section: str, name: str, configuration: str, time_s: float | None, baseline: str | None = None,
+           baseline_time_s: float | None = None, **extra) -> dict:
+    ratio = None if time_s is None or baseline_time_s is None else baseline_time_s / time_s
+    return {"section": section, "name": name, "configuration": configuration, "time_s": time_s,
+            "baseline": baseline, "baseline_time_s": baseline_time_s, "speedup_over_baseline": ratio, **extra,
+            "machine": machine(), "resnode": resnode.__version__, "date": datetime.date.today().isoformat()}
+
+
+def median_time(run, repeats: int) -> float:
+    run()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --- engine -------------------------------------------------------------------------------------------
+
+def marion_network(depth: int, dim: int = 16, width: int = 32, n: int = 100, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(2, n, dim, generator=g)
+    W = torch.randn(width, dim, generator=g).expand(depth, width, dim).contiguous()  # weight-tied
+    V = 0.1 * torch.randn(depth, dim, width, generator=g)
+    spec = engine.Residual("gelu", step=1 / depth, inner=dim**-0.5, outer=width**-0.5)
+    return x, y, W, V, spec
+
+
+def step_runners(depth: int) -> dict:
+    x, y, W, V, spec = marion_network(depth)
+    perceptron = models.Perceptron(16, 32, "gelu")
+    workspace = engine.Workspace()
+
+    def fused():
+        flow.loss_and_grads(x, y, {"W": W, "V": V}, spec, workspace=workspace)
+
+    Wp, Vp = W.clone().requires_grad_(), V.clone().requires_grad_()
+
+    def unbind():
+        h = x
+        for Vk, Wk in zip(Vp.unbind(0), Wp.unbind(0)):
+            h = h + spec.step * perceptron(h, Vk, Wk)
+        (h - y).square().sum(-1).mean().backward()
+        Wp.grad = Vp.grad = None
+
+    def indexed():
+        h = x
+        for k in range(depth):
+            h = h + spec.step * perceptron(h, Vp[k], Wp[k])
+        (h - y).square().sum(-1).mean().backward()
+        Wp.grad = Vp.grad = None
+
+    return {"engine": fused, "autograd-unbind": unbind, "autograd-indexed": indexed}
+
+
+def check_agreement(depth: int) -> float:
+    """Largest relative difference of the fused loss and gradients from autograd's (float32)."""
+    x, y, W, V, spec = marion_network(depth)
+    loss, grads = flow.loss_and_grads(x, y, {"W": W, "V": V}, spec)
+    Wp, Vp = W.clone().requires_grad_(), V.clone().requires_grad_()
+    perceptron = models.Perceptron(16, 32, "gelu")
+    h = models.euler(x, perceptron, (Vp, Wp), spec.step)
+    reference = (h - y).square().sum(-1).mean()
+    reference.backward()
+    return max(abs(loss.item() - reference.item()) / reference.item(),
+               ((grads["W"] - Wp.grad).norm() / Wp.grad.norm()).item(),
+               ((grads["V"] - Vp.grad).norm() / Vp.grad.norm()).item())
+
+
+def engine_section(smoke: bool) -> list[dict]:
+    config = "Marion et al. eq. (3), GELU, q=16, m=32, n=100, float32, one full-batch gradient step"
+    depths = (16, 64) if smoke else (64, 1024, 16384)
+    out = []
+    for depth in depths:
+        runners = step_runners(depth)
+        repeats = 1 if smoke else (5 if depth <= 1024 else 2)
+        times = {"engine": median_time(runners["engine"], repeats * (1 if smoke else 4)),
+                 "autograd-unbind": median_time(runners["autograd-unbind"], repeats)}
+        if depth <= 1024:
+            times["autograd-indexed"] = median_time(runners["autograd-indexed"], 1 if depth > 64 else repeats)
+        agreement = check_agreement(depth)
+        for baseline in ("autograd-unbind", "autograd-indexed"):
+            if baseline in times:
+                out.append(record("engine", f"engine vs {baseline}", f"{config}, L={depth}", times["engine"],
+                                  baseline, times[baseline], depth=depth, max_relative_difference=agreement))
+    grid = (8, 16, 32) if smoke else (64, 256, 1024, 4096, 16384)
+    per_step = []
+    for depth in grid:
+        per_step.append(median_time(step_runners(depth)["engine"], 1 if smoke else 3))
+    slope = metrics.loglog_slope(grid, per_step)
+    out.append(record("engine", "engine time against depth", f"{config}, L in {list(grid)}", None,
+                      depths=list(grid), times_s=per_step, fitted_exponent=slope))
+    out.append(peak_memory_record(steps=5 if smoke else 500, depth=64 if smoke else 16384))
+    return out
+
+
+def _flow_run(depth: int, steps: int) -> None:
+    """The Fig. 1 run of the Marion chapter: gradient flow with the max-increment, loss and snapshot recorders."""
+    x, y, W, V, spec = marion_network(depth)
+    V.zero_()
+    recs = [recorders.Loss(), recorders.MaxIncrement(range(0, steps + 1, max(1, steps // 10))),
+            recorders.Snapshots(range(0, steps + 1, max(1, steps // 10)), stride=max(1, depth // 1024))]
+    flow.gradient_flow(x, y, {"W": W, "V": V}, spec, steps=steps, dt=0.01, scale=1 / 16, recorders=recs)
+
+
+def peak_memory_record(steps: int, depth: int) -> dict:
+    code = ("import resource, sys; sys.path.insert(0, {root!r}); import runpy; "
+            "m = runpy.run_path({script!r}); {call}; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    script = str(Path(__file__).resolve())
+    peaks, times = {}, {}
+    for label, call in (("idle", "None"), ("run", f"m['_flow_run']({depth}, {steps})")):
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), script=script, call=call)],
+                                capture_output=True, text=True, check=True)
+        times[label] = time.perf_counter() - start
+        peaks[label] = int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    state = depth * 100 * (16 + 2 * 32) * 4  # states, activations and pre-activations of one step (float32)
+    return record("engine", "gradient-flow run peak memory",
+                  f"{steps} iterations, L={depth}, GELU q=16 m=32 n=100 float32, recorders: loss, max increment, "
+                  f"snapshots every {max(1, steps // 10)} iterations", times["run"] - times["idle"],
+                  peak_bytes_over_idle=peaks["run"] - peaks["idle"], one_step_trace_bytes=state)
+
+
+# --- adjoint ------------------------------------------------------------------------------------------
+
+def adjoint_section(smoke: bool) -> list[dict]:
+    depth, repeats = (32, 1) if smoke else (1000, 5)
+    perceptron = models.Perceptron(dim=16, width=32, activation="tanh")
+    weights = init.init_weights("smooth", depth, perceptron.shapes, lengthscale=0.3, std=0.7,
+                                generator=torch.Generator().manual_seed(0))
+    blocks = adjoint.layers(perceptron, weights)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    runners = {
+        "backprop": lambda: adjoint.integrate(x, blocks, mode="backprop"),
+        "adjoint-euler": lambda: adjoint.integrate(x, blocks, mode="adjoint"),
+        "checkpoint-sqrtN": lambda: adjoint.checkpointed(x, blocks, segments=round(math.sqrt(depth))),
+        "torchdiffeq-odeint_adjoint": lambda: adjoint.torchdiffeq_adjoint(x, blocks),
+    }
+    times, memory = {}, {}
+    for name, run in runners.items():
+        memory[name] = adjoint.saved_tensor_bytes(lambda: run().square().sum())
+        times[name] = median_time(lambda: run().square().sum().backward(), repeats)
+    config = f"Euler ResNet, perceptron q=16 m=32 tanh, depth {depth}, 256 inputs, float32, forward + backward"
+    return [record("adjoint", name, config, times[name], "backprop", times["backprop"],
+                   time_over_backprop=times[name] / times["backprop"], saved_bytes=memory[name],
+                   memory_over_backprop=memory[name] / memory["backprop"]) for name in runners]
+
+
+# --- book ---------------------------------------------------------------------------------------------
+
+def book_section(smoke: bool) -> list[dict]:
+    import papermill
+
+    profile = "smoke" if smoke else "book"
+    chapters = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+    out, total = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for chapter in chapters:
+            start = time.perf_counter()
+            papermill.execute_notebook(str(chapter), str(Path(tmp) / chapter.name), parameters={"profile": profile},
+                                       kernel_name="python3", cwd=str(chapter.parent), progress_bar=False)
+            elapsed = time.perf_counter() - start
+            total += elapsed
+            out.append(record("book", chapter.stem, f"profile={profile}, papermill", elapsed))
+    out.append(record("book", "whole book", f"profile={profile}, {len(chapters)} chapters, papermill", total))
+    return out
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'section':8s} {'name':42s} {'time (s)':>9s} {'speed-up':>9s}  notes"]
+    for r in records:
+        notes = {k: r[k] for k in ("max_relative_difference", "fitted_exponent", "peak_bytes_over_idle",
+                                   "time_over_backprop", "memory_over_backprop") if k in r}
+        t = "" if r["time_s"] is None else f"{r['time_s']:9.3f}"
+        s = "" if r["speedup_over_baseline"] is None else f"{r['speedup_over_baseline']:9.2f}"
+        label = r["name"] + ("" if "depth" not in r else f" (L={r['depth']})")
+        lines.append(f"{r['section']:8s} {label:42s} {t:>9s} {s:>9s}  "
+                     + ", ".join(f"{k}={v:.4g}" for k, v in notes.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--out", type=Path, default=None, help="records file (default benchmarks/results.json; "
+                                                               "with --smoke nothing is written unless given)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the per-layer calls are too small to share)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sections = {"engine": engine_section, "adjoint": adjoint_section, "book": book_section}
+    records = []
+    for name in args.only:
+        print(f"[{name}]", flush=True)
+        records += sections[name](args.smoke)
+    print(table(records))
+    print("machine:", machine())
+    out = args.out if args.out is not None else (None if args.smoke else Path(__file__).with_name("results.json"))
+    if out is not None:
+        kept = []
+        if out.exists():
+            kept = [r for r in json.loads(out.read_text()) if r.get("section") not in args.only]
+        out.write_text(json.dumps(kept + records, indent=1, default=float) + "\n")
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

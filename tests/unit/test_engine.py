@@ -1,0 +1,210 @@
+"""The fused engine against autograd; the gradient flow (4)-(5); the recorders."""
+
+import numpy as np
+import pytest
+import torch
+
+from resnode import engine, flow, models, recorders
+
+KINDS = ("matrix", "scalar", "none")
+
+
+def autograd_resnet(h0, W, V, b, spec):
+    """The same network written with autograd, layer by layer (the reference)."""
+    sigma = models.activation(spec.activation)
+    h = h0
+    for k in range(W.shape[0]):
+        pre = spec.inner * h @ W[k].mT + (0 if b is None else b[k].unsqueeze(-2))
+        act = sigma(pre)
+        if V is None:
+            r = act
+        elif V.dim() == W.dim():
+            r = act @ V[k].mT
+        else:
+            r = V[k].reshape(*V.shape[1:], 1, 1) * act
+        h = h + spec.step * spec.outer * r
+    return h
+
+
+def draw(kind, lead=(), depth=23, n=5, q=4, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = 6 if kind == "matrix" else q
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    V = {"matrix": lambda: rand(depth, *lead, q, m), "scalar": lambda: rand(depth, *lead), "none": lambda: None}[kind]()
+    return rand(*lead, n, q), rand(depth, *lead, m, q), V, (rand(depth, *lead, m) if bias else None)
+
+
+@pytest.mark.parametrize("activation", models.ACTIVATIONS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_fused_gradients_match_autograd(activation, kind, lead):
+    h0, W, V, b = draw(kind, lead, bias=kind != "none")
+    spec = engine.Residual(activation, step=1 / 23, inner=0.5, outer=0.7, block=5)  # blocks of 5 over 23 layers
+    inputs = [t for t in (h0, W, V, b) if t is not None]
+    probe = torch.randn(*lead, 5, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fused = engine.resnet(h0, W, V, b, spec=spec)
+    reference = autograd_resnet(h0, W, V, b, spec)
+    assert torch.allclose(fused, reference, rtol=0, atol=1e-13)
+    for mine, theirs in zip(torch.autograd.grad((fused * probe).sum(), inputs),
+                            torch.autograd.grad((reference * probe).sum(), inputs)):
+        assert (mine - theirs).norm() <= 1e-12 * theirs.norm()
+
+
+def test_fused_gradient_passes_gradcheck():
+    h0, W, V, b = draw("matrix", depth=4, n=3, q=2)
+    spec = engine.Residual("gelu", step=0.25, block=3)
+    assert torch.autograd.gradcheck(lambda *a: engine.resnet(*a, spec=spec), (h0, W, V, b))
+
+
+def test_batched_copies_equal_separate_runs():
+    h0, W, V, b = draw("matrix", lead=(3,))
+    spec = engine.Residual("tanh", step=0.1)
+    together = engine.resnet(h0, W, V, b, spec=spec)
+    for s in range(3):
+        alone = engine.resnet(h0[s], W[:, s], V[:, s], b[:, s], spec=spec)
+        assert torch.allclose(together[s], alone, rtol=0, atol=1e-14)
+
+
+def test_bad_shapes_and_parameters_raise():
+    h0, W, V, b = draw("matrix")
+    with pytest.raises(ValueError, match="V must be"):
+        engine.resnet(h0, W, V[:, :2], b)
+    with pytest.raises(ValueError, match="without V"):
+        engine.resnet(h0, W, None, b)
+    with pytest.raises(ValueError, match="activation"):
+        engine.Residual("swish")
+    with pytest.raises(ValueError, match="step"):
+        engine.Residual("tanh", step=-1.0)
+
+
+def marion_problem(depth=16, copies=None, seed=0):
+    """Weight-tied W, V = 0 (Marion et al.'s initialisation), Gaussian inputs and targets."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if copies is None else (copies,)
+    x, y = torch.randn(2, 10, 3, generator=g, dtype=torch.float64)
+    W = torch.randn(*lead, 4, 3, generator=g, dtype=torch.float64).expand(depth, *lead, 4, 3).clone()
+    V = torch.zeros(depth, *lead, 3, 4, dtype=torch.float64)
+    spec = engine.Residual("gelu", step=1 / depth, inner=3**-0.5, outer=4**-0.5)
+    return x, y, {"W": W, "V": V}, spec
+
+
+def test_gradient_flow_is_gradient_descent_with_the_depth_factor():
+    x, y, weights, spec = marion_problem()
+    trained = flow.gradient_flow(x, y, weights, spec, steps=3, dt=0.05)
+    W, V = (weights[n].clone().requires_grad_() for n in ("W", "V"))
+    opt = torch.optim.SGD([W, V], lr=0.05 * 16)  # eq. (4): dZ_k/dt = -L dl/dZ_k
+    for _ in range(3):
+        opt.zero_grad()
+        ((autograd_resnet(x, W, V, None, spec) - y).square().sum(-1).mean()).backward()
+        opt.step()
+    assert torch.allclose(trained["W"], W, atol=1e-13) and torch.allclose(trained["V"], V, atol=1e-13)
+
+
+def test_clipping_bounds_every_coordinate_of_the_update():
+    x, y, weights, spec = marion_problem()
+    dt = 0.05
+    free = flow.gradient_flow(x, y, weights, spec, steps=1, dt=dt)
+    free_moved = (free["V"] - weights["V"]).abs()
+    clip = free_moved.median().item() / dt  # half the coordinates above the clip, half below
+    trained = flow.gradient_flow(x, y, weights, spec, steps=1, dt=dt, clip=clip)
+    moved = (trained["V"] - weights["V"]).abs()
+    assert moved.max() <= dt * clip * (1 + 1e-12)  # eq. (5): pi bounds the whole right-hand side
+    assert free_moved.max() > dt * clip  # the clip was active somewhere...
+    small = free_moved < dt * clip
+    assert small.any() and torch.allclose(moved[small], free_moved[small])  # ...and left the rest alone
+
+
+def test_learning_rate_sweep_in_one_pass_equals_separate_runs():
+    x, y, weights, spec = marion_problem(copies=2)
+    dts = torch.tensor([0.02, 0.1], dtype=torch.float64)
+    together = flow.gradient_flow(x, y, weights, spec, steps=4, dt=dts)
+    for s in range(2):
+        alone = flow.gradient_flow(x, y, {n: w[:, s] for n, w in weights.items()}, spec, steps=4, dt=float(dts[s]))
+        assert torch.allclose(together["V"][:, s], alone["V"], atol=1e-14)
+
+
+def test_loss_decreases_and_divergence_is_reported():
+    x, y, weights, spec = marion_problem()
+    losses = recorders.Loss()
+    flow.gradient_flow(x, y, weights, spec, steps=50, dt=0.05, recorders=[losses])
+    assert losses.values.shape == (51,) and losses.values[-1] < 0.9 * losses.values[0]
+    with pytest.raises(FloatingPointError):
+        flow.gradient_flow(x, y, weights, spec, steps=50, dt=1e4)
+
+
+class Killed(Exception):
+    pass
+
+
+class Interrupt:
+    """A recorder that stops the run at iteration ``at``, as a killed process would, while ``armed``."""
+
+    armed = True  # a class attribute: restoring a checkpoint does not re-arm it
+
+    def __init__(self, at):
+        self.at = at
+
+    def update(self, t, weights, loss):
+        if t == self.at and Interrupt.armed:
+            raise Killed
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    x, y, weights, spec = marion_problem()
+    full_losses = recorders.Loss()
+    full = flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[full_losses])
+    path = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[recorders.Loss(), Interrupt(7)],
+                           checkpoint=path, checkpoint_every=3)
+    assert torch.load(path, weights_only=False)["t"] == 6
+    losses, Interrupt.armed = recorders.Loss(), False
+    resumed = flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[losses, Interrupt(7)],
+                                 checkpoint=path, checkpoint_every=3)
+    assert torch.equal(resumed["V"], full["V"]) and losses.times == list(range(10))
+    assert np.array_equal(losses.values, full_losses.values)
+
+
+def test_max_increment_of_known_weights():
+    depth = 5
+    V = torch.arange(depth, dtype=torch.float64).reshape(depth, 1, 1).expand(depth, 2, 2) ** 2  # increments 2(2k+1)
+    rec = recorders.MaxIncrement([0, 1], names=("V",))
+    rec.update(0, {"V": V}, torch.tensor(0.0))
+    rec.update(1, {"V": V / 2}, torch.tensor(0.0))
+    top, l2 = rec.result("V")
+    assert np.allclose(top, [2 * 7, 2 * 7])  # ||.||_F of a 2x2 block of equal entries is 2 |entry|
+    squares = sum((2 * (2 * k + 1)) ** 2 for k in range(4))
+    assert np.allclose(l2, [0.0, np.sqrt(squares)])  # sums t < T
+
+
+def test_distance_to_a_reference_on_a_finer_grid():
+    fine = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(16, 1, 1)
+    snaps = recorders.Snapshots([0], names=("V",))
+    snaps.update(0, {"V": fine}, torch.tensor(0.0))
+    dist = recorders.DistanceTo(snaps, names=("V",))
+    dist.update(0, {"V": fine[::4] + 0.5}, torch.tensor(0.0))
+    assert np.allclose(dist.values["V"], [0.5])
+    with pytest.raises(ValueError, match="multiple"):
+        dist.update(0, {"V": fine[:5]}, torch.tensor(0.0))
+
+
+def test_fused_resnet_module_equals_the_autograd_one():
+    g = torch.Generator().manual_seed(3)
+    residual = models.Perceptron(dim=1, width=8, activation="relu", scaled=False, bias=True)
+    nets = [models.ResNet(residual, 30, init=("zero", "iid", "iid"), scaling="1", copies=2, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(3), fused=fused) for fused in (False, True)]
+    for net in nets:
+        net.weights[0].data.normal_(generator=g)
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)[:, None].expand(2, 7, 1)
+    outs = [net(x) for net in nets]
+    assert torch.allclose(outs[0], outs[1], atol=1e-12)
+    assert torch.allclose(nets[0](x, trajectory=True), nets[1](x, trajectory=True), atol=1e-12)
+    grads = [torch.autograd.grad(o.sum(), list(net.parameters())) for o, net in zip(outs, nets)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12)
+    with pytest.raises(ValueError, match="fused"):
+        models.ResNet(models.Linear(2), 4, fused=True)
