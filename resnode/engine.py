@@ -120,6 +120,11 @@ def _matrix(V: Tensor | None, W: Tensor) -> bool:
     return V is not None and V.dim() == W.dim()
 
 
+def _scalars(V: Tensor, c: float) -> tuple[Tensor, ...]:
+    """Per-layer scalars ``c * delta_k``, shaped to broadcast against ``(..., n, m)``."""
+    return (c * V).reshape(*V.shape, 1, 1).unbind(0)
+
+
 def forward(h0: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, spec: Residual,
             workspace: Workspace | None = None) -> Trace:
     """Run ``h_{k+1} = h_k + step outer V_k sigma(inner W_k h_k + b_k)`` for ``k < L``; ``h_L`` is ``trace.states[-1]``.
@@ -152,7 +157,7 @@ def forward(h0: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, spec: Res
         torch.mul(V.mT, c, out=ws.get("Vt", (*V.shape[:-2], m, V.shape[-2]), V))
         Vt = ws.layers("Vt")
     elif V is not None:
-        Vt = (c * V).reshape(*V.shape, 1, 1).unbind(0)
+        Vt = _scalars(V, c)
     kept = []  # activations without an out= form, stacked into `acts` once at the end
     sigma, matrix = activation_function(name), _matrix(V, W)
     for k in range(depth):
@@ -202,7 +207,7 @@ def backward(grad_output: Tensor, trace: Trace, W: Tensor, V: Tensor | None, b: 
         torch.mul(V, c, out=ws.get("Vc", V.shape, V))
         back = ws.layers("Vc")
     elif V is not None:
-        back = (c * V).reshape(*V.shape, 1, 1).unbind(0)
+        back = _scalars(V, c)
     gW = ws.get("gW", W.shape, W)
     gV = None if V is None else ws.get("gV", V.shape, V)
     gb = None if b is None else ws.get("gb", b.shape, b)
