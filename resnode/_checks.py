@@ -23,6 +23,17 @@ def positive_float(name: str, value) -> float:
     return number
 
 
+def nonnegative_float(name: str, value) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0, else raise ``ValueError``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return number
+
+
 def one_of(name: str, value, allowed: Iterable):
     """Return ``value`` if it is in ``allowed``, else raise ``ValueError`` listing the choices."""
     allowed = tuple(allowed)

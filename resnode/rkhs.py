@@ -1,0 +1,432 @@
+"""RKHS neural ODEs with random Fourier features of a Matérn (Sobolev) kernel.
+
+Barboni, Peyré & Vialard (slides "On the training of infinitely deep and wide ResNets"; NeurIPS 2022
+paper "On global convergence of ResNets: from finite to infinite width using linear parameterization").
+
+* The kernel: spectrum ``k^(w) ∝ (1 + |w|^2/nu)^{-(d/2 + nu)}`` (slide "Regularity condition"). This is
+  a multivariate Student t with ``2 nu`` degrees of freedom and scale ``s^2 = 1/2``; its characteristic
+  function is the Matérn kernel ``k(r) = 2^{1-nu}/Gamma(nu) (sqrt(nu) r)^nu K_nu(sqrt(nu) r)``.
+* Random Fourier features ``phi(x) = p^{-1/2} [cos(W x), sin(W x)]`` give ``k_p(x, x') = mean_j cos(w_j.(x - x'))``.
+* Condition 1 (regularity): ``|v|_inf + |Dv|_inf + |D^2 v|_inf <= kappa |v|_V``.
+* Condition 2 (quantitative universality): ``lambda(delta)``, the least eigenvalue of kernel matrices of
+  ``delta``-separated sets.
+* The RKHS neural ODE ``x_{t+1} = x_t + (1/T) Theta_t phi(x_t)``, ``x_0 = A x``, output ``B x_T``, trained by
+  gradient descent in ``H = L^2([0, 1], V)``, and the local Polyak-Łojasiewicz bounds of the slide's theorem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _checks
+
+
+def _nu(nu, above: float = 0.0) -> float:
+    nu = _checks.positive_float("nu", nu)
+    if nu <= above:
+        raise ValueError(f"nu must be > {above:g} here (the bound needs finite moments); got {nu!r}")
+    return nu
+
+
+# --------------------------------------------------------------------------- the kernel and its spectrum
+
+def sample_spectrum(p: int, d: int, nu: float, generator: torch.Generator | None = None,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """``p`` frequencies with density ``∝ (1 + |w|^2/nu)^{-(d/2+nu)}`` (slide "Regularity condition").
+
+    Student t, ``2 nu`` degrees of freedom, scale ``s^2 = 1/2``: ``w = g sqrt(nu / (2 G))`` with
+    ``g ~ N(0, I_d)`` and ``G ~ Gamma(nu, 1)``. Returns ``(p, d)``.
+    """
+    p, d, nu = _checks.positive_int("p", p), _checks.positive_int("d", d), _nu(nu)
+    g = torch.randn(p, d, generator=generator, dtype=dtype)
+    # Gamma(nu, 1) from the generator: torch's Gamma sampler ignores generators, so use the
+    # Marsaglia-Tsang method on generator draws (exact, a few rejection rounds).
+    gam = _gamma(p, nu, generator, dtype)
+    return g * torch.sqrt(nu / (2 * gam))[:, None]
+
+
+def _gamma(n: int, shape: float, generator, dtype) -> Tensor:
+    """``n`` draws of Gamma(shape, 1) by Marsaglia & Tsang (2000), using ``generator``."""
+    boost = shape < 1
+    a = shape + 1 if boost else shape
+    dd = a - 1 / 3
+    c = 1 / math.sqrt(9 * dd)
+    out = torch.empty(n, dtype=dtype)
+    todo = torch.arange(n)
+    while len(todo):
+        m = len(todo)
+        z = torch.randn(m, generator=generator, dtype=dtype)
+        u = torch.rand(m, generator=generator, dtype=dtype)
+        v = (1 + c * z) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * z**2 + dd - dd * v + dd * torch.log(v.clamp_min(1e-300)))
+        out[todo[ok]] = (dd * v)[ok]
+        todo = todo[~ok]
+    if boost:
+        out = out * torch.rand(n, generator=generator, dtype=dtype) ** (1 / shape)
+    return out
+
+
+def matern(r, nu: float) -> np.ndarray:
+    """The Matérn kernel ``k(r) = 2^{1-nu}/Gamma(nu) (sqrt(nu) r)^nu K_nu(sqrt(nu) r)``, ``k(0) = 1``.
+
+    It is the Fourier transform (characteristic function) of :func:`sample_spectrum`'s density.
+    """
+    from scipy.special import gamma, kv
+
+    nu = _nu(nu)
+    r = np.asarray(r, dtype=float)
+    if (r < 0).any():
+        raise ValueError("r must be >= 0 (a distance)")
+    z = np.sqrt(nu) * r
+    with np.errstate(invalid="ignore", over="ignore"):
+        k = 2 ** (1 - nu) / gamma(nu) * z**nu * kv(nu, z)
+    return np.where(z < 1e-12, 1.0, np.nan_to_num(k, nan=1.0))
+
+
+def matern_matrix(x: Tensor, y: Tensor | None, nu: float) -> Tensor:
+    """The matrix ``(k(|x_i - y_j|))_{ij}`` of :func:`matern` (``y = None``: ``K_X``)."""
+    y = x if y is None else y
+    dist = torch.cdist(x.double(), y.double())
+    return torch.as_tensor(matern(dist.numpy(), nu))
+
+
+def spectral_moments(nu: float, scale2: float = 0.5) -> tuple[float, float]:
+    """``(E w_1^2, E w_1^4)`` of the Student t with ``2 nu`` degrees of freedom and scale ``scale2``.
+
+    ``E w_1^2 = s^2 nu / (nu - 1)``, ``E w_1^4 = 3 s^4 nu^2 / ((nu - 1)(nu - 2))``; ``nu > 2``. The
+    slide's spectrum has ``s^2 = 1/2``.
+    """
+    nu, s2 = _nu(nu, 2.0), _checks.positive_float("scale2", scale2)
+    return s2 * nu / (nu - 1), 3 * s2**2 * nu**2 / ((nu - 1) * (nu - 2))
+
+
+def kappa_moment_bound(nu: float, scale2: float = 0.5) -> float:
+    """``1 + sqrt(E w_1^2) + sqrt(E w_1^4)``: Cauchy-Schwarz bound on kappa for the infinite-width kernel."""
+    m2, m4 = spectral_moments(nu, scale2)
+    return 1 + math.sqrt(m2) + math.sqrt(m4)
+
+
+def kappa_slide_bound(nu: float) -> float:
+    """The slide's ``kappa <= 1 + sqrt(nu/(nu-1)) + sqrt(3 nu^2/((nu-1)(nu-2)))`` (``nu > 2``).
+
+    Equal to :func:`kappa_moment_bound` with scale ``s^2 = 1``, i.e. the spectrum ``(1 + |w|^2/(2 nu))^{...}``.
+    """
+    return kappa_moment_bound(nu, scale2=1.0)
+
+
+# --------------------------------------------------------------------------- random Fourier features
+
+@dataclass
+class FourierFeatures:
+    """Random Fourier features ``phi(x) = p^{-1/2} [cos(W x), sin(W x)]`` in ``R^{2p}`` (slide "RKHS neural ODE").
+
+    ``omega`` is ``(p, d)``; ``k_p(x, x') = phi(x).phi(x') = mean_j cos(w_j.(x - x'))``, so ``k_p(x, x) = 1``.
+    """
+
+    omega: Tensor
+
+    def __post_init__(self):
+        if self.omega.ndim != 2:
+            raise ValueError(f"omega must be (p, d); got shape {tuple(self.omega.shape)}")
+
+    @classmethod
+    def matern(cls, p: int, d: int, nu: float, seed: int = 0, dtype: torch.dtype = torch.float64):
+        """``p`` frequencies of the Matérn spectrum (see :func:`sample_spectrum`)."""
+        return cls(sample_spectrum(p, d, nu, torch.Generator().manual_seed(seed), dtype))
+
+    @property
+    def p(self) -> int:
+        return self.omega.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.omega.shape[1]
+
+    @property
+    def width(self) -> int:
+        return 2 * self.p
+
+    def _x(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (n, {self.dim}); got shape {tuple(x.shape)}")
+        return x.to(self.omega.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        z = self._x(x) @ self.omega.T
+        return torch.cat([torch.cos(z), torch.sin(z)], dim=1) / math.sqrt(self.p)
+
+    def kernel(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``(k_p(x_i, y_j))_{ij}``."""
+        return self(x) @ self(x if y is None else y).T
+
+    def regularity(self, restarts: int = 32, iterations: int = 200, seed: int = 0) -> tuple[float, float, float]:
+        """The three sups of condition 1 for the feature space, per unit of ``|Theta|``:
+
+        ``sup_x |phi(x)| = 1``, ``sup_x |D phi(x)|_op = sqrt(lambda_max(mean_j w_j w_j^T))`` (exact), and
+        ``sup_x |D^2 phi(x)|_op = sqrt(max_{|h|=1} mean_j (w_j.h)^4)``, maximised over unit ``h`` by the
+        ascent ``h <- grad / |grad|`` from ``restarts`` starts (the largest frequencies, then random):
+        a lower estimate of that sup, usually the sup itself.
+        """
+        w = self.omega
+        lip = math.sqrt(torch.linalg.eigvalsh(w.T @ w / self.p)[-1].item())
+        return 1.0, lip, math.sqrt(max_fourth_moment(w, restarts, iterations, seed))
+
+    def kappa(self, **kwargs) -> float:
+        """``1 + sup|D phi| + sup|D^2 phi|``: the regularity constant kappa of these features."""
+        return sum(self.regularity(**kwargs))
+
+
+def max_fourth_moment(omega: Tensor, restarts: int = 32, iterations: int = 200, seed: int = 0) -> float:
+    """``max_{|h|=1} mean_j (w_j.h)^4`` by the monotone ascent ``h <- grad/|grad|`` (the function is convex)."""
+    restarts, iterations = _checks.positive_int("restarts", restarts), _checks.positive_int("iterations", iterations)
+    p, d = omega.shape
+    big = omega[torch.argsort(omega.norm(dim=1), descending=True)[: max(1, restarts // 2)]]
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.cat([big, torch.randn(restarts - len(big), d, generator=gen, dtype=omega.dtype)], dim=0)
+    h = h / h.norm(dim=1, keepdim=True)
+    for _ in range(iterations):
+        s = h @ omega.T  # (restarts, p)
+        g = (s**3) @ omega
+        h = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return ((h @ omega.T) ** 4).mean(dim=1).max().item()
+
+
+# --------------------------------------------------------------------------- lambda(delta)
+
+def separation(x: Tensor) -> float:
+    """``min_{i != j} |x_i - x_j|``."""
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"x must be (n >= 2, d); got shape {tuple(x.shape)}")
+    dist = torch.cdist(x.double(), x.double())
+    dist.fill_diagonal_(float("inf"))
+    return dist.min().item()
+
+
+def min_eigenvalue(k: Tensor) -> float:
+    """``lambda_min`` of a symmetric kernel matrix."""
+    return torch.linalg.eigvalsh(k.double())[0].item()
+
+
+def line_points(n: int, delta: float, d: int = 1) -> Tensor:
+    """``n`` points a distance ``delta`` apart on the first axis of ``R^d``."""
+    n, delta, d = _checks.positive_int("n", n), _checks.positive_float("delta", delta), _checks.positive_int("d", d)
+    x = torch.zeros(n, d, dtype=torch.float64)
+    x[:, 0] = delta * torch.arange(n, dtype=torch.float64)
+    return x
+
+
+def grid_points(side: int, delta: float, d: int) -> Tensor:
+    """The ``side^d`` points of a cubic grid of spacing ``delta`` in ``R^d``."""
+    side, delta, d = _checks.positive_int("side", side), _checks.positive_float("delta", delta), _checks.positive_int("d", d)
+    axes = [torch.arange(side, dtype=torch.float64) * delta] * d
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, d)
+
+
+def random_separated(n: int, delta: float, d: int, seed: int = 0, box: float | None = None) -> Tensor:
+    """``n`` points, pairwise at least ``delta`` apart, drawn uniformly in ``[0, box]^d`` by rejection.
+
+    ``box`` defaults to the side of a cube holding ``n`` balls of radius ``delta/2`` loosely (a packing
+    density of about 1/4), so the set is close to its separation in many places.
+    """
+    n, delta, d = _checks.positive_int("n", n), _checks.positive_float("delta", delta), _checks.positive_int("d", d)
+    if box is None:
+        box = delta * (4 * n) ** (1 / d)
+    gen = torch.Generator().manual_seed(seed)
+    points: list[Tensor] = []
+    for _ in range(1000 * n):
+        cand = torch.rand(d, generator=gen, dtype=torch.float64) * box
+        if not points or torch.cdist(cand[None], torch.stack(points)).min() >= delta:
+            points.append(cand)
+            if len(points) == n:
+                return torch.stack(points)
+    raise ValueError(f"could not place n={n} points {delta}-apart in a box of side {box}; enlarge box")
+
+
+# --------------------------------------------------------------------------- the RKHS neural ODE
+
+def lifting(d: int, copies: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """``A = (Id, ..., Id)^T / sqrt(copies)`` (``sigma_min(A) = sigma_max(A) = 1``) and ``B = (Id, 0, ..., 0)``.
+
+    Slide "Enforcing convergence via lifting": ``A`` is ``(copies d, d)``, ``B`` is ``(d, copies d)``.
+    """
+    d, copies = _checks.positive_int("d", d), _checks.positive_int("copies", copies)
+    eye = torch.eye(d, dtype=dtype)
+    a = torch.cat([eye] * copies, dim=0) / math.sqrt(copies)
+    b = torch.cat([eye] + [torch.zeros(d, d, dtype=dtype)] * (copies - 1), dim=1)
+    return a, b
+
+
+def _check_theta(theta: Tensor, features: FourierFeatures) -> None:
+    if theta.ndim != 3 or theta.shape[2] != features.width or theta.shape[1] != features.dim:
+        raise ValueError(f"theta must be (T, {features.dim}, {features.width}) for these features; "
+                         f"got shape {tuple(theta.shape)}")
+
+
+def flow(theta: Tensor, features: FourierFeatures, x0: Tensor) -> Tensor:
+    """States ``x_0 .. x_T`` of ``x_{t+1} = x_t + (1/T) Theta_t phi(x_t)`` (slide "RKHS neural ODE"): ``(T+1, n, D)``."""
+    _check_theta(theta, features)
+    steps = theta.shape[0]
+    xs = [x0.to(theta.dtype)]
+    for t in range(steps):
+        xs.append(xs[-1] + features(xs[-1]) @ theta[t].T / steps)
+    return torch.stack(xs)
+
+
+def h_norm(theta: Tensor) -> float:
+    """``|v|_H = (mean_t |Theta_t|_F^2)^{1/2}``, the Euler version of ``(int_0^1 |v_t|_V^2 dt)^{1/2}`` (an upper bound of it)."""
+    return theta.pow(2).sum(dim=(1, 2)).mean().sqrt().item()
+
+
+@dataclass
+class Evaluation:
+    """Loss, Euclidean gradient ``dF/dTheta``, states ``(T+1, n, D)`` and adjoints ``p^t`` ``(T+1, n, D)``."""
+
+    loss: float
+    grad: Tensor
+    states: Tensor
+    adjoints: Tensor
+    residuals: Tensor
+
+    @property
+    def h_grad_norm2(self) -> float:
+        """``|grad_H F|_H^2 = T sum_t |dF/dTheta_t|_F^2`` (the H-gradient is ``T dF/dTheta_t``)."""
+        return self.grad.shape[0] * self.grad.pow(2).sum().item()
+
+
+def evaluate(theta: Tensor, features: FourierFeatures, x0: Tensor, b: Tensor, y: Tensor) -> Evaluation:
+    """``F = (1/N) sum_i |B x_T^i - y_i|^2`` and its gradient by the adjoint (back-propagation) equations.
+
+    ``p_i^T = B^T r_i`` with ``r_i = B x_T^i - y_i``; ``p^t = p^{t+1} + (1/T) Dv_t(x^t)^T p^{t+1}``;
+    ``dF/dTheta_t = (2/(N T)) sum_i p_i^{t+1} phi(x_i^t)^T``.
+    """
+    _check_theta(theta, features)
+    if b.ndim != 2 or b.shape[1] != features.dim or y.shape != (len(x0), b.shape[0]):
+        raise ValueError(f"b must be (d_out, {features.dim}) and y (n, d_out); got {tuple(b.shape)}, {tuple(y.shape)}")
+    steps, n, scale = theta.shape[0], len(x0), 1 / math.sqrt(features.p)
+    w = features.omega
+    xs, trig = [x0.to(theta.dtype)], []
+    for t in range(steps):  # the forward pass of flow(), keeping cos and sin for the backward
+        z = xs[-1] @ w.T
+        c, s = torch.cos(z), torch.sin(z)
+        trig.append((c, s))
+        xs.append(xs[-1] + (c @ theta[t, :, : features.p].T + s @ theta[t, :, features.p:].T) * (scale / steps))
+    xs = torch.stack(xs)
+    r = xs[-1] @ b.T - y
+    loss = r.pow(2).sum().item() / n
+    ps = [None] * (steps + 1)
+    ps[steps] = r @ b
+    grad = torch.empty_like(theta)
+    for t in range(steps - 1, -1, -1):
+        c, s = trig[t]
+        p_next = ps[t + 1]
+        grad[t, :, : features.p] = (2 * scale / (n * steps)) * (p_next.T @ c)
+        grad[t, :, features.p:] = (2 * scale / (n * steps)) * (p_next.T @ s)
+        q = p_next @ theta[t]  # (n, 2p): Theta_t^T p
+        ps[t] = p_next + ((-s * q[:, : features.p] + c * q[:, features.p:]) @ w) * (scale / steps)
+    return Evaluation(loss, grad, xs, torch.stack(ps), r)
+
+
+@dataclass
+class PLCheck:
+    """The quantities of the local PL theorem at one point ``v`` (our normalisation; see :func:`pl_check`)."""
+
+    loss: float
+    ratio: float  # |grad_H F|^2 / F
+    lower: float  # (4/(N T)) s_min(B)^2 sum_t lambda_min(K_t) c_{t+1}^2
+    upper: float  # (4/T) s_max(B)^2 sum_t C_{t+1}^2
+    lower_slide: float  # (4/N) s_min(B)^2 lambda_hat e^{-2 kappa R}
+    upper_slide: float  # 4 s_max(B)^2 e^{2 kappa R}
+    radius: float  # R = |v|_H (Frobenius norms of Theta)
+    min_lambda: float  # min_t lambda_min(K_{X_t})
+    min_separation: float  # min_t sep(X_t)
+    separation_bound: float  # s_min(A) delta prod (1 - lip |Theta_s| / T)
+    contraction: float  # min_t c_t (discrete adjoint contraction)
+    expansion: float  # max_t C_t
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709 else float("inf")
+
+
+def pl_check(theta: Tensor, features: FourierFeatures, x0: Tensor, b: Tensor, y: Tensor, lip: float, kappa: float,
+             lam_hat=None, sigma_min_a: float = 1.0) -> PLCheck:
+    """Measure ``|grad_H F|_H^2 / F`` and the bounds of the slide's theorem at ``Theta``.
+
+    With ``p`` the adjoint, ``|grad_H F|^2 = (4/(N^2 T)) sum_t sum_ij k(x_i^t, x_j^t) p_i^{t+1}.p_j^{t+1}``;
+    ``lambda_min(K) <= lambda_max(K) <= N`` (``k <= 1``) and the adjoint is contracted/expanded at most by
+    ``c_t = prod_{s >= t} (1 - lip |Theta_s|_F / T)``, ``C_t = prod_{s >= t} (1 + lip |Theta_s|_F / T)``
+    (Euler; ``lip`` bounds ``sup|D phi|``). The slide's forms use ``e^{-+ kappa R}`` and ``lambda_hat(delta)``
+    (a callable, an estimate of ``lambda``) at ``s_min(A) delta e^{-kappa R}``, with ``delta = sep(A x)``.
+    """
+    ev = evaluate(theta, features, x0, b, y)
+    steps, n = theta.shape[0], len(x0)
+    sv = torch.linalg.svdvals(b)
+    smin, smax = sv[-1].item(), sv[0].item()
+    norms = theta.pow(2).sum(dim=(1, 2)).sqrt()
+    shrink = (1 - lip * norms / steps).clamp_min(0)
+    grow = 1 + lip * norms / steps
+    c = torch.ones(steps + 1, dtype=theta.dtype)
+    big = torch.ones(steps + 1, dtype=theta.dtype)
+    for t in range(steps - 1, -1, -1):
+        c[t], big[t] = c[t + 1] * shrink[t], big[t + 1] * grow[t]
+    lams = torch.tensor([min_eigenvalue(features.kernel(ev.states[t])) for t in range(steps)])
+    seps = [separation(ev.states[t]) for t in range(steps + 1)]
+    delta = seps[0] / sigma_min_a
+    sep_bound = sigma_min_a * delta * torch.cat([torch.ones(1, dtype=theta.dtype), torch.cumprod(shrink, 0)]).min().item()
+    lower = 4 / (n * steps) * smin**2 * (lams.clamp_min(0) * c[1:] ** 2).sum().item()
+    upper = 4 / steps * smax**2 * (big[1:] ** 2).sum().item()
+    radius = h_norm(theta)
+    lam_slide = lam_hat(sigma_min_a * delta * _exp(-kappa * radius)) if lam_hat is not None else float("nan")
+    return PLCheck(loss=ev.loss, ratio=ev.h_grad_norm2 / ev.loss, lower=lower, upper=upper,
+                   lower_slide=4 / n * smin**2 * lam_slide * _exp(-2 * kappa * radius),
+                   upper_slide=4 * smax**2 * _exp(2 * kappa * radius), radius=radius,
+                   min_lambda=lams.min().item(), min_separation=min(seps), separation_bound=sep_bound,
+                   contraction=c.min().item(), expansion=big.max().item())
+
+
+def gradient_descent(features: FourierFeatures, x0: Tensor, b: Tensor, y: Tensor, steps: int, iterations: int,
+                     lr: float, record_every: int = 10, on_record=None) -> tuple[Tensor, dict]:
+    """Gradient descent in ``H`` from ``v = 0``: ``Theta_t <- Theta_t - lr T dF/dTheta_t`` (slide "RKHS neural ODE").
+
+    Returns the final ``Theta`` and a history of losses, ``|grad_H F|^2`` and ``|v|_H`` at every
+    iteration; ``on_record(k, theta)`` is called every ``record_every`` iterations (and at the end).
+    """
+    steps, iterations = _checks.positive_int("steps", steps), _checks.positive_int("iterations", iterations)
+    lr, record_every = _checks.positive_float("lr", lr), _checks.positive_int("record_every", record_every)
+    theta = torch.zeros(steps, features.dim, features.width, dtype=features.omega.dtype)
+    hist = {"loss": [], "grad2": [], "radius": []}
+    for k in range(iterations + 1):
+        if on_record is not None and (k % record_every == 0 or k == iterations):
+            on_record(k, theta)
+        ev = evaluate(theta, features, x0, b, y)
+        if not math.isfinite(ev.loss):
+            raise FloatingPointError(f"loss is {ev.loss} at iteration {k}: lower the learning rate lr={lr}")
+        hist["loss"].append(ev.loss)
+        hist["grad2"].append(ev.h_grad_norm2)
+        hist["radius"].append(h_norm(theta))
+        if k < iterations:
+            theta = theta - lr * steps * ev.grad
+    return theta, {key: np.array(v) for key, v in hist.items()}
+
+
+def project(train: Tensor, other: Tensor | None = None, dim: int = 10, radius: float = 1.0):
+    """Principal components of flattened ``train`` (``dim`` of them), scaled so training points have mean norm ``radius``.
+
+    Returns the projected ``train`` and ``other`` (the same map: centred and projected with the training statistics).
+    """
+    dim, radius = _checks.positive_int("dim", dim), _checks.positive_float("radius", radius)
+    flat = train.reshape(len(train), -1).double()
+    if dim > min(flat.shape):
+        raise ValueError(f"dim must be at most {min(flat.shape)} here; got {dim}")
+    mean = flat.mean(0)
+    basis = torch.linalg.svd(flat - mean, full_matrices=False)[2][:dim].T
+    z = (flat - mean) @ basis
+    factor = radius / z.norm(dim=1).mean()
+    if other is None:
+        return z * factor, None
+    return z * factor, ((other.reshape(len(other), -1).double() - mean) @ basis) * factor
