@@ -15,6 +15,22 @@ def loglog_slope(x, y) -> float:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
+def exponential_rate(t, values) -> tuple[float, float]:
+    """Least-squares fit of ``log values = a - rate t``: ``(rate, R^2 of the fit)``.
+
+    The rate of linear convergence ``values ~ C e^{-rate t}`` (Marion et al. eq. (10), Polyak's theorem);
+    ``R^2`` near 1 says the decay is exponential over the range given.
+    """
+    t, values = np.asarray(t, dtype=float).ravel(), np.asarray(values, dtype=float).ravel()
+    if t.shape != values.shape or len(t) < 3:
+        raise ValueError(f"t and values need the same length, at least 3; got {len(t)} and {len(values)}")
+    if (values <= 0).any():
+        raise ValueError("exponential_rate needs positive values")
+    logs = np.log(values)
+    coef = np.polyfit(t, logs, 1)
+    return float(-coef[0]), float(1 - (logs - np.polyval(coef, t)).var() / logs.var())
+
+
 def crossings(paths) -> int:
     """Number of times two 1-D trajectories swap order from one layer to the next (Sander et al. Fig. 1).
 

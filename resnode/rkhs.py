@@ -267,14 +267,23 @@ def _check_theta(theta: Tensor, features: FourierFeatures) -> None:
                          f"got shape {tuple(theta.shape)}")
 
 
+def _forward(theta: Tensor, features: FourierFeatures, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """States ``(T+1, n, D)`` of the Euler flow, and the ``cos``, ``sin`` of each step's phases ``(T, n, p)``."""
+    _check_theta(theta, features)
+    steps, p = theta.shape[0], features.p
+    scale = 1 / (math.sqrt(p) * steps)
+    xs, cos, sin = [x0.to(theta.dtype)], [], []
+    for t in range(steps):
+        z = xs[-1] @ features.omega.T
+        cos.append(torch.cos(z))
+        sin.append(torch.sin(z))
+        xs.append(xs[-1] + (cos[-1] @ theta[t, :, :p].T + sin[-1] @ theta[t, :, p:].T) * scale)
+    return torch.stack(xs), torch.stack(cos), torch.stack(sin)
+
+
 def flow(theta: Tensor, features: FourierFeatures, x0: Tensor) -> Tensor:
     """States ``x_0 .. x_T`` of ``x_{t+1} = x_t + (1/T) Theta_t phi(x_t)`` (slide "RKHS neural ODE"): ``(T+1, n, D)``."""
-    _check_theta(theta, features)
-    steps = theta.shape[0]
-    xs = [x0.to(theta.dtype)]
-    for t in range(steps):
-        xs.append(xs[-1] + features(xs[-1]) @ theta[t].T / steps)
-    return torch.stack(xs)
+    return _forward(theta, features, x0)[0]
 
 
 def h_norm(theta: Tensor) -> float:
@@ -304,31 +313,21 @@ def evaluate(theta: Tensor, features: FourierFeatures, x0: Tensor, b: Tensor, y:
     ``p_i^T = B^T r_i`` with ``r_i = B x_T^i - y_i``; ``p^t = p^{t+1} + (1/T) Dv_t(x^t)^T p^{t+1}``;
     ``dF/dTheta_t = (2/(N T)) sum_i p_i^{t+1} phi(x_i^t)^T``.
     """
-    _check_theta(theta, features)
     if b.ndim != 2 or b.shape[1] != features.dim or y.shape != (len(x0), b.shape[0]):
         raise ValueError(f"b must be (d_out, {features.dim}) and y (n, d_out); got {tuple(b.shape)}, {tuple(y.shape)}")
-    steps, n, scale = theta.shape[0], len(x0), 1 / math.sqrt(features.p)
+    steps, n, p, scale = theta.shape[0], len(x0), features.p, 1 / math.sqrt(features.p)
     w = features.omega
-    xs, trig = [x0.to(theta.dtype)], []
-    for t in range(steps):  # the forward pass of flow(), keeping cos and sin for the backward
-        z = xs[-1] @ w.T
-        c, s = torch.cos(z), torch.sin(z)
-        trig.append((c, s))
-        xs.append(xs[-1] + (c @ theta[t, :, : features.p].T + s @ theta[t, :, features.p:].T) * (scale / steps))
-    xs = torch.stack(xs)
+    xs, c, s = _forward(theta, features, x0)
     r = xs[-1] @ b.T - y
     loss = r.pow(2).sum().item() / n
     ps = [None] * (steps + 1)
     ps[steps] = r @ b
-    grad = torch.empty_like(theta)
     for t in range(steps - 1, -1, -1):
-        c, s = trig[t]
-        p_next = ps[t + 1]
-        grad[t, :, : features.p] = (2 * scale / (n * steps)) * (p_next.T @ c)
-        grad[t, :, features.p:] = (2 * scale / (n * steps)) * (p_next.T @ s)
-        q = p_next @ theta[t]  # (n, 2p): Theta_t^T p
-        ps[t] = p_next + ((-s * q[:, : features.p] + c * q[:, features.p:]) @ w) * (scale / steps)
-    return Evaluation(loss, grad, xs, torch.stack(ps), r)
+        q = ps[t + 1] @ theta[t]  # (n, 2p): Theta_t^T p
+        ps[t] = ps[t + 1] + ((-s[t] * q[:, :p] + c[t] * q[:, p:]) @ w) * (scale / steps)
+    adjoints = torch.stack(ps)
+    grad = (2 * scale / (n * steps)) * torch.cat([adjoints[1:].mT @ c, adjoints[1:].mT @ s], dim=2)
+    return Evaluation(loss, grad, xs, adjoints, r)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _checks
 from .engine import activation_derivative
-from .models import ACTIVATIONS, activation as activation_function
+from .models import ACTIVATIONS, Perceptron, activation as activation_function, euler
 
 
 class Forward(NamedTuple):
@@ -68,22 +68,16 @@ def _shapes(x: Tensor, params: dict) -> tuple[int, int, int, int, int, int]:
 
 
 def forward(x: Tensor, params: dict, activation: str = "gelu") -> Forward:
-    """Eq. (3) for every sample: states, pre-activations and outputs ``F(x_i) = B h_L``."""
+    """Eq. (3) for every sample (``models.euler`` over ``models.Perceptron``, autograd-friendly): states,
+    pre-activations and outputs ``F(x_i) = B h_L``."""
     _checks.one_of("activation", activation, ACTIVATIONS)
-    n, d, q, m, depth, _ = _shapes(x, params)
-    sigma = activation_function(activation)
+    _, _, q, m, _, _ = _shapes(x, params)
     A, B, V, W = params.get("A"), params.get("B"), params["V"], params["W"]
-    h = x if A is None else x @ A.mT
-    states = [h]
-    pres = []
-    outer = 1 / (depth * math.sqrt(m))
-    for Vk, Wk in zip(V.unbind(0), W.unbind(0)):
-        p = (h @ Wk.mT) / math.sqrt(q)
-        h = h + outer * (sigma(p) @ Vk.mT)
-        states.append(h)
-        pres.append(p)
-    outputs = h if B is None else h @ B.mT
-    return Forward(torch.stack(states), torch.stack(pres), outputs)
+    h0 = x if A is None else x @ A.mT
+    states = euler(h0, Perceptron(q, m, activation), (V, W), trajectory=True)
+    pres = states[:-1] @ W.mT / math.sqrt(q)  # p_k for every layer in one batched product
+    outputs = states[-1] if B is None else states[-1] @ B.mT
+    return Forward(states, pres, outputs)
 
 
 def loss(x: Tensor, y: Tensor, params: dict, activation: str = "gelu") -> Tensor:
@@ -111,7 +105,8 @@ def tangent_kernel(x: Tensor, params: dict, *, train_io: bool = True, activation
     n, d, q, m, depth, dout = _shapes(x, params)
     fw = forward(x, params, activation)
     A, B, V, W = params.get("A"), params.get("B"), params["V"], params["W"]
-    sigma = activation_function(activation)
+    acts = activation_function(activation)(fw.pres)
+    slopes = activation_derivative(activation, acts, fw.pres)
     c_v = 1 / (depth * m)  # L * (1/(L sqrt m))^2
     c_w = c_v / q
     c_back = 1 / (depth * math.sqrt(m) * math.sqrt(q))
@@ -119,9 +114,7 @@ def tangent_kernel(x: Tensor, params: dict, *, train_io: bool = True, activation
     P = (torch.eye(q, dtype=x.dtype, device=x.device) if B is None else B).expand(n, dout, q).clone()
     theta = x.new_zeros(n, dout, n, dout)
     for k in range(depth - 1, -1, -1):  # layer k + 1 of the paper: V[k], W[k] act on states[k]
-        p, h = fw.pres[k], fw.states[k]
-        s = sigma(p)
-        slope = activation_derivative(activation, s, p)
+        s, slope, h = acts[k], slopes[k], fw.states[k]
         flat = P.reshape(size, q)
         theta += _kron_gram(s @ s.mT, (flat @ flat.mT).reshape(n, dout, n, dout)).mul_(c_v)
         U = (P @ V[k]).mul_(slope[:, None, :])  # (n, d', m)
@@ -201,9 +194,7 @@ def perturb(params: dict, rho: float, *, train_io: bool = True, generator: torch
     """A random point of the Definition-1 neighbourhood of radius ``rho``: each ``V_k`` and ``W_k`` moves by an
     independent Gaussian direction of Frobenius norm ``rho / 2`` (so ``|Z_k - Z0_k|_F = |dV_k| + |dW_k| = rho``),
     and with ``train_io`` ``A`` and ``B`` by ``rho`` each. The arguments are not modified."""
-    rho = float(rho)
-    if not 0 <= rho < math.inf:
-        raise ValueError(f"rho must be a non-negative finite number; got {rho!r}")
+    rho = _checks.nonnegative_float("rho", rho)
     out = {}
     for name, w in params.items():
         if name in ("V", "W"):

@@ -69,3 +69,15 @@ def test_crossings_counts_order_swaps():
     assert metrics.crossings(np.stack([x, -x, x])) == 20  # and back
     with pytest.raises(ValueError, match="paths"):
         metrics.crossings(x)
+
+
+def test_exponential_rate_recovers_a_linear_convergence_rate_and_flags_a_power_law():
+    t = np.linspace(0, 50, 60)
+    rate, r2 = metrics.exponential_rate(t, 3 * np.exp(-0.2 * t))
+    assert rate == pytest.approx(0.2) and r2 == pytest.approx(1.0)
+    rate, r2 = metrics.exponential_rate(t + 1, 1 / (t + 1))  # a power law is not a straight line in log scale
+    assert r2 < 0.9
+    with pytest.raises(ValueError):
+        metrics.exponential_rate(t, -np.ones_like(t))
+    with pytest.raises(ValueError):
+        metrics.exponential_rate([0, 1], [1, 2])
