@@ -11,10 +11,12 @@ Sections (all by default; ``--only`` picks some):
 - ``adjoint``: one forward + backward of a depth-1000 Euler ResNet (tanh perceptron, 256 inputs): exact
   backprop, ``resnode.adjoint``, ``torch.utils.checkpoint``, torchdiffeq's ``odeint_adjoint``; time and the
   bytes autograd keeps for the backward.
-- ``book``: wall time of every chapter executed with its ``book`` profile (papermill), and the total.
+- ``book``: wall time of every chapter executed with its ``book`` profile (papermill), their sum, and with
+  ``--workers N`` the wall time of the whole book run N chapters at a time (as the test command does).
 
     python benchmarks/run.py                    # everything; writes benchmarks/results.json
     python benchmarks/run.py --only engine      # one section; other sections' records are kept
+    python benchmarks/run.py --only book --workers 2   # the book, two chapters at a time
     python benchmarks/run.py --smoke --out F    # seconds: checks the script runs, times nothing of note
 """
 
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -200,21 +203,39 @@ def adjoint_section(smoke: bool) -> list[dict]:
 
 # --- book ---------------------------------------------------------------------------------------------
 
-def book_section(smoke: bool) -> list[dict]:
+def _previous_times() -> dict[str, float]:
+    path = Path(__file__).with_name("results.json")
+    records = json.loads(path.read_text()) if path.exists() else []
+    return {r["name"]: r["time_s"] for r in records if r.get("section") == "book" and r.get("time_s")}
+
+
+def book_section(smoke: bool, workers: int = 1) -> list[dict]:
+    """Every chapter under papermill, ``workers`` at a time (one process each, longest previous time first)."""
     import papermill
 
     profile = "smoke" if smoke else "book"
-    chapters = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
-    out, total = [], 0.0
+    previous = _previous_times()
+    chapters = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"), key=lambda c: -previous.get(c.stem, 0.0))
+    times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for chapter in chapters:
+        def run(chapter: Path) -> None:
             start = time.perf_counter()
             papermill.execute_notebook(str(chapter), str(Path(tmp) / chapter.name), parameters={"profile": profile},
                                        kernel_name="python3", cwd=str(chapter.parent), progress_bar=False)
-            elapsed = time.perf_counter() - start
-            total += elapsed
-            out.append(record("book", chapter.stem, f"profile={profile}, papermill", elapsed))
-    out.append(record("book", "whole book", f"profile={profile}, {len(chapters)} chapters, papermill", total))
+            times[chapter.stem] = time.perf_counter() - start
+            print(f"  {chapter.stem}: {times[chapter.stem]:.0f} s", flush=True)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:  # papermill runs each chapter in its own kernel process
+            list(pool.map(run, chapters))
+        wall = time.perf_counter() - start
+    out = [record("book", stem, f"profile={profile}, papermill, {workers} at a time", times[stem])
+           for stem in sorted(times)]
+    out.append(record("book", "whole book, sum of chapters", f"profile={profile}, {len(chapters)} chapters",
+                      sum(times.values())))
+    if workers > 1:
+        out.append(record("book", f"whole book, {workers} workers", f"profile={profile}, {len(chapters)} chapters, "
+                          f"wall time, {workers} chapters at a time", wall))
     return out
 
 
@@ -239,10 +260,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--out", type=Path, default=None, help="records file (default benchmarks/results.json; "
                                                                "with --smoke nothing is written unless given)")
+    parser.add_argument("--workers", type=int, default=1, help="chapters executed at once in the book section "
+                                                               "(each in its own kernel; default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the per-layer calls are too small to share)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sections = {"engine": engine_section, "adjoint": adjoint_section, "book": book_section}
+    sections = {"engine": engine_section, "adjoint": adjoint_section,
+                "book": lambda smoke: book_section(smoke, args.workers)}
     records = []
     for name in args.only:
         print(f"[{name}]", flush=True)

@@ -104,7 +104,7 @@ def tangent_kernel(x: Tensor, params: dict, *, train_io: bool = True, activation
         raise ValueError(f"train_io must be True or False; got {train_io!r}")
     n, d, q, m, depth, dout = _shapes(x, params)
     fw = forward(x, params, activation)
-    A, B, V, W = params.get("A"), params.get("B"), params["V"], params["W"]
+    B, V, W = params.get("B"), params["V"], params["W"]
     acts = activation_function(activation)(fw.pres)
     slopes = activation_derivative(activation, acts, fw.pres)
     c_v = 1 / (depth * m)  # L * (1/(L sqrt m))^2

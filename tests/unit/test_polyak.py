@@ -7,7 +7,15 @@ import torch
 
 from resnode import polyak
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """These tests compare against closed forms in double precision; other test files keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_least_squares_is_pl_without_strong_convexity_and_descends_at_polyaks_rate():
