@@ -159,3 +159,65 @@ def cifar10(split: str = "train", root: str | os.PathLike | None = None, limit: 
         raise ValueError(f"{folder}: CIFAR-10 labels must lie in 0..9")
     return Dataset(torch.as_tensor(x.astype(np.float32) / 255.0, dtype=dtype), torch.as_tensor(y),
                    f"CIFAR-10 {split} ({len(x)} images)")
+
+
+def synthetic_ode(n_train: int = 1024, n_test: int = 256, dim: int = 10, seed: int = 0, steps: int = 100,
+                  dtype: torch.dtype = torch.float64) -> tuple[Dataset, Dataset]:
+    """Cont, Rossier & Xu's synthetic set (Section 3.2; the authors' ``generate_data_ODE``): ``(train, test)``.
+
+    ``x ~ U([-1, 1]^dim)``; ``steps`` Euler steps ``z_{t+1} = z_t + tanh(sin(5 pi t / steps) z_t +
+    cos(5 pi t / steps)) / sqrt(steps)`` from ``z_0 = x``, ``t = 0 .. steps - 1``; target ``y = z_steps``. Then
+    ``x`` and ``y`` are each scaled to unit Euclidean norm (the code does this; the paper's text does not say).
+    """
+    n_train, n_test = _checks.positive_int("n_train", n_train), _checks.positive_int("n_test", n_test)
+    dim, steps = _checks.positive_int("dim", dim), _checks.positive_int("steps", steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_train + n_test, dim, generator=generator, dtype=dtype).mul_(2).sub_(1)
+    z = x.clone()
+    for t in range(steps):
+        angle = 5 * np.pi * t / steps
+        z = z + torch.tanh(np.sin(angle) * z + np.cos(angle)) / np.sqrt(steps)
+    x, z = x / x.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    name = f"synthetic ODE (d={dim}, seed={seed})"
+    return (Dataset(x[:n_train], z[:n_train], f"{name} train ({n_train})"),
+            Dataset(x[n_train:], z[n_train:], f"{name} test ({n_test})"))
+
+
+def random_conv_embedding(images: Tensor, seed: int = 0) -> Tensor:
+    """Cont, Rossier & Xu's untrained embedding (Section 3.2): ``Conv(1,1,k=5,s=2)`` then ``Conv(1,1,k=3,s=2)``.
+
+    Weights and biases drawn as torch's default ``Conv2d`` initialisation, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
+    from ``seed``. ``images`` ``(n, 1, 28, 28)`` -> ``(n, 25)`` (28 -> 12 -> 5), each row scaled to unit norm.
+    """
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be (n, 1, H, W); got shape {tuple(images.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    h = images
+    for size in (5, 3):
+        bound = 1 / size  # fan_in = 1 * size * size
+        weight = (torch.rand(1, 1, size, size, generator=generator, dtype=images.dtype) * 2 - 1) * bound
+        bias = (torch.rand(1, generator=generator, dtype=images.dtype) * 2 - 1) * bound
+        h = torch.nn.functional.conv2d(h, weight, bias, stride=2)
+    h = h.flatten(1)
+    return h / h.norm(dim=1, keepdim=True)
+
+
+def embedded_images(dataset: Dataset, seed: int = 0, pixel_scale: float = 255.0,
+                    dtype: torch.dtype = torch.float64) -> Dataset:
+    """Cont, Rossier & Xu's low-dimensional image embedding (Section 3.2, the authors' ``generate_mnist_resnet``).
+
+    ``dataset``: 28x28 grey images in [0, 1] with labels 0..9 (the paper used MNIST; the book uses
+    Fashion-MNIST, see :func:`fashion_mnist`). Pixels are multiplied by ``pixel_scale`` (the code feeds raw
+    uint8 values), pushed through :func:`random_conv_embedding` and scaled to unit norm; the targets are 25-dim,
+    one-hot in the first 10 coordinates, so the network maps R^25 to R^25.
+    """
+    images = dataset.inputs
+    if images.dim() != 4 or images.shape[1:] != (1, 28, 28):
+        raise ValueError(f"dataset must hold (n, 1, 28, 28) images; got {tuple(images.shape)}")
+    labels = dataset.targets
+    if labels.dim() != 1 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError("dataset targets must be labels in 0..9")
+    x = random_conv_embedding(images.to(dtype) * _checks.positive_float("pixel_scale", pixel_scale), seed)
+    y = torch.zeros_like(x)
+    y[torch.arange(len(y)), labels] = 1.0
+    return Dataset(x, y, f"{dataset.name}, random conv embedding (25-dim, seed={seed})")

@@ -4,7 +4,8 @@ The network of the authors' simple CIFAR experiments: a 5x5 stride-3 stem convol
 channels with batch norm and ReLU, then ``N`` residual blocks ``conv3x3-BN-ReLU-conv3x3-BN`` (the
 last batch norm initialised at zero, so every block starts as the identity) integrated by Euler or
 Heun with step ``1/N``, by exact backprop or by the memory-free adjoint, then 4x4 average pooling
-and a linear classifier.
+and a linear classifier. The training loop (SGD with step or cosine decay, crops and flips, resume) also
+trains the convolutional networks of Cont et al. (``conv_regimes``).
 """
 
 from __future__ import annotations
@@ -66,59 +67,97 @@ def error_rate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float
     return 100.0 * wrong / len(data)
 
 
-def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: int, batch_size: int = 256,
-                     lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                     milestones: tuple[int, ...] | None = None, seed: int = 0, checkpoint: str | Path | None = None,
-                     stop_after: int | None = None, progress: bool = False) -> dict[str, list[float]]:
-    """SGD with momentum and step decay (lr / 10 at each milestone epoch; by default at 1/3 and 2/3 of the run,
-    the authors' 30 and 60 of 90). Returns per-epoch training loss, test error (%) and seconds.
+SCHEDULES = ("step", "cosine")
 
-    With ``checkpoint``, model, optimiser and history are saved after every epoch and a run resumes
-    from the file if it exists, so an interrupted run loses at most one epoch. ``stop_after`` ends this
-    call after that many epochs in total (a time-sliced job resumes it later from the checkpoint).
+
+def augment(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Random crop after zero padding by ``padding`` and random horizontal flip (the kuangliu CIFAR transforms)."""
+    b, _, h, w = x.shape
+    padded = nn.functional.pad(x, (padding,) * 4)
+    dy, dx = (torch.randint(0, 2 * padding + 1, (2, b), generator=generator)).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                 rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def sgd_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, batches, epoch: int = 0) -> float:
+    """One pass of cross-entropy SGD over ``(inputs, targets)`` batches (model in training mode); the mean loss.
+
+    A non-finite loss raises ``FloatingPointError`` naming the epoch (without batch norm, too large a learning
+    rate makes deep networks diverge).
+    """
+    model.train()
+    total, count = 0.0, 0
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+    return total / count
+
+
+def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: int, batch_size: int = 256,
+                     lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "step",
+                     milestones: tuple[int, ...] | None = None, augmentation: bool = False, seed: int = 0,
+                     checkpoint: str | Path | None = None, stop_after: int | None = None,
+                     progress: bool = False) -> dict[str, list[float]]:
+    """Cross-entropy SGD with momentum and weight decay; the learning rate follows ``schedule``, stepped per epoch:
+
+    - ``"step"``: divided by 10 at each milestone epoch (by default 1/3 and 2/3 of the run, Sander et al.'s
+      30 and 60 of 90);
+    - ``"cosine"``: annealed by a cosine over ``epochs`` (Cont et al., App. A).
+
+    ``augmentation`` adds random crops and flips. Batches go to the model's device. Returns per-epoch training
+    loss, test error (%) and seconds. With ``checkpoint``, model, optimiser, schedule and history are saved after
+    every epoch and a run resumes from the file if it exists, so an interrupted run loses at most one epoch;
+    ``stop_after`` ends this call after that many epochs in total (a time-sliced job resumes it later).
     """
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    milestones = milestones if milestones is not None else (math.ceil(epochs / 3), math.ceil(2 * epochs / 3))
+    _checks.one_of("schedule", schedule, SCHEDULES)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model(train.inputs[:2])  # materialise the lazy head before the optimiser sees the parameters
+        model(train.inputs[:2].to(device))  # materialise a lazy head before the optimiser sees the parameters
     optimiser = torch.optim.SGD(model.parameters(), lr=_checks.positive_float("lr", lr), momentum=momentum,
-                                weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=list(milestones), gamma=0.1)
+                                weight_decay=_checks.nonnegative_float("weight_decay", weight_decay))
+    if schedule == "step":
+        milestones = milestones if milestones is not None else (math.ceil(epochs / 3), math.ceil(2 * epochs / 3))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=list(milestones), gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
     history: dict[str, list[float]] = {"loss": [], "test_error": [], "seconds": []}
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
+        for part, obj in (("model", model), ("optimiser", optimiser), ("schedule", scheduler)):
+            obj.load_state_dict(state[part])
         history = state["history"]
+    test_set = Dataset(test.inputs.to(device), test.targets.to(device), test.name)
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), disable=not progress, desc="epochs", leave=False):
         order = torch.randperm(len(train), generator=generator)  # drawn every epoch, so a resumed run matches
         if epoch < len(history["loss"]):
             continue
         if stop_after is not None and epoch >= stop_after:
             break
-        model.train()
-        start, total = time.perf_counter(), 0.0
-        batches = range(0, len(train), batch_size)
-        for i in tqdm(batches, disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False):
-            index = order[i:i + batch_size]
-            loss = nn.functional.cross_entropy(model(train.inputs[index]), train.targets[index])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(index)
-        schedule.step()
-        history["loss"].append(total / len(train))
+        start = time.perf_counter()
+        batches = ((train.inputs[i].to(device), train.targets[i].to(device)) for i in order.split(batch_size))
+        if augmentation:
+            crops = torch.Generator().manual_seed(seed + 1 + epoch)
+            batches = ((augment(x, crops), y) for x, y in batches)
+        history["loss"].append(sgd_epoch(model, optimiser, batches, epoch))
+        scheduler.step()
         history["seconds"].append(time.perf_counter() - start)
-        history["test_error"].append(error_rate(model, test))
+        history["test_error"].append(error_rate(model, test_set))
         if checkpoint is not None:
             torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                        "schedule": schedule.state_dict(), "history": history}, checkpoint)
+                        "schedule": scheduler.state_dict(), "history": history}, checkpoint)
     return history
 
 
-__all__ = ["ConvBlock", "TinyResNet", "error_rate", "train_classifier"]
+__all__ = ["ConvBlock", "TinyResNet", "SCHEDULES", "augment", "sgd_epoch", "error_rate", "train_classifier"]

@@ -26,6 +26,18 @@ def test_chapter_is_stored_executed_and_parameterised(chapter):
     assert claims and all("assert" in "".join(c["source"]) for c in claims), "claim cells assert and are checked"
 
 
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_papermill_lists_every_parameter(chapter):
+    # papermill --help-notebook (and a reader planning a sweep) sees the parameters it can parse; a comment
+    # with quotes or '=' hides the parameter from it
+    import papermill
+
+    cells = json.loads(chapter.read_text())["cells"]
+    source = "".join(next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))["source"])
+    names = [line.split(":")[0].strip() for line in source.splitlines() if line.strip() and not line.startswith("#")]
+    assert list(papermill.inspect_notebook(str(chapter))) == names
+
+
 def test_book_builds_without_warnings(root, tmp_path):
     result = subprocess.run(["jupyter-book", "build", str(root), "-W", "--keep-going", "--path-output", str(tmp_path)],
                             capture_output=True, text=True)

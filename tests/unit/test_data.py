@@ -110,3 +110,32 @@ def test_synthetic_and_digits():
     assert digits.inputs.shape == (1797, 1, 8, 8) and set(digits.targets.tolist()) == set(range(10))
     with pytest.raises(ValueError, match="split"):
         data.fashion_mnist("validation")
+
+
+def test_synthetic_ode_follows_the_euler_scheme_and_is_normalised():
+    train, test = data.synthetic_ode(n_train=20, n_test=5, dim=4, seed=3)
+    assert train.inputs.shape == (20, 4) and test.targets.shape == (5, 4)
+    for part in (train, test):
+        torch.testing.assert_close(part.inputs.norm(dim=1), torch.ones(len(part), dtype=torch.float64))
+        torch.testing.assert_close(part.targets.norm(dim=1), torch.ones(len(part), dtype=torch.float64))
+    x = torch.rand(25, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    z = x.clone()
+    for t in range(100):  # z_{t+1} = z_t + tanh(sin(5 pi t/100) z_t + cos(5 pi t/100)) / 10
+        z = z + torch.tanh(np.sin(np.pi * t / 20) * z + np.cos(np.pi * t / 20)) / 10
+    torch.testing.assert_close(train.targets, (z / z.norm(dim=1, keepdim=True))[:20])
+    torch.testing.assert_close(train.inputs, (x / x.norm(dim=1, keepdim=True))[:20])
+
+
+def test_embedded_images_are_25_dimensional_unit_vectors_with_one_hot_targets():
+    g = torch.Generator().manual_seed(0)
+    images = data.Dataset(torch.rand(6, 1, 28, 28, generator=g), torch.tensor([0, 3, 9, 1, 1, 5]), "test images")
+    emb = data.embedded_images(images, seed=2)
+    assert emb.inputs.shape == (6, 25) and emb.targets.shape == (6, 25)
+    torch.testing.assert_close(emb.inputs.norm(dim=1), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(emb.targets.argmax(1), images.targets) and emb.targets.sum() == 6 and emb.targets[:, 10:].sum() == 0
+    # the two convolutions are linear + bias: a conv of a constant image is the same constant everywhere
+    flat = data.random_conv_embedding(torch.ones(1, 1, 28, 28, dtype=torch.float64))
+    torch.testing.assert_close(flat, torch.full((1, 25), 0.2, dtype=torch.float64))
+    assert "test images" in emb.name and torch.equal(data.embedded_images(images, seed=2).inputs, emb.inputs)
+    with pytest.raises(ValueError, match="images"):
+        data.random_conv_embedding(torch.ones(2, 3, 28, 28))

@@ -1,9 +1,9 @@
-"""Small image ResNets: shapes, identity at initialisation, adjoint mode, training with checkpoint/resume."""
+"""Small image ResNets: shapes, identity at initialisation, adjoint mode; the training loop (schedules, crops, resume)."""
 
 import pytest
 import torch
 
-from resnode import adjoint, vision
+from resnode import adjoint, conv_regimes, vision
 from resnode.data import Dataset
 
 
@@ -58,3 +58,48 @@ def test_training_learns_and_resumes_exactly(tmp_path):
     assert runs["straight"][0]["test_error"][-1] < 50
     for k, v in runs["straight"][1].items():
         torch.testing.assert_close(v, runs["resumed"][1][k])
+
+
+def test_augment_is_a_shifted_crop_or_its_mirror():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    out = vision.augment(x, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for b in range(2):
+        crops = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+
+
+def test_cosine_training_with_crops_lowers_the_loss_and_resumes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = 0.3 * torch.randn(64, 1, 6, 6, generator=g) + y[:, None, None, None].float()
+    data = Dataset(x, y, "two brightness classes")
+    torch.manual_seed(0)
+    net = conv_regimes.RegimeResNet((1, 1), (4, 8), in_channels=1, classes=2)
+    history = vision.train_classifier(net, data, data, epochs=3, batch_size=16, lr=0.05, schedule="cosine",
+                                      augmentation=True, checkpoint=tmp_path / "ck.pt")
+    assert history["loss"][-1] < history["loss"][0]
+    again = vision.train_classifier(net, data, data, epochs=3, batch_size=16, lr=0.05, schedule="cosine",
+                                    checkpoint=tmp_path / "ck.pt")
+    assert again["loss"] == history["loss"]  # nothing left to train: the checkpoint's history comes back
+
+
+def test_sgd_epoch_returns_the_mean_loss_and_stops_on_divergence():
+    torch.manual_seed(0)
+    net = conv_regimes.RegimeResNet((1,), (4,), in_channels=1, classes=3)
+    x, y = torch.randn(10, 1, 4, 4), torch.arange(10) % 3
+    frozen = torch.optim.SGD(net.parameters(), lr=1e-12)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(net(x), y))
+    assert vision.sgd_epoch(net, frozen, [(x[:4], y[:4]), (x[4:], y[4:])]) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        net.head[-1].weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="epoch 3"):
+        vision.sgd_epoch(net, frozen, [(x, y)], epoch=2)
+
+
+def test_unknown_schedule_is_refused():
+    net = vision.TinyResNet(1, in_channels=1, classes=3)
+    with pytest.raises(ValueError, match="schedule"):
+        vision.train_classifier(net, images(), images(), epochs=1, schedule="linear")

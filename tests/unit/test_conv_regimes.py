@@ -1,0 +1,202 @@
+"""Convolutional scaling regimes: spectral norms of convolutions (Sedghi et al.), the paper's norms, the model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from resnode import conv_regimes as cr
+
+
+def kernel(c_out, c_in, k, seed=0):
+    return torch.randn(c_out, c_in, k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("c_out, c_in, k, n", [(3, 2, 3, 5), (4, 4, 3, 4), (2, 3, 3, 2), (2, 3, 5, 3), (2, 2, 3, 1)])
+def test_singular_values_are_those_of_the_explicit_operator(c_out, c_in, k, n):
+    # n < k exercises the wrap-around (folded) kernel
+    K = kernel(c_out, c_in, k)
+    M = cr.circular_conv_matrix(K, n)
+    assert M.shape == (c_out * n * n, c_in * n * n)
+    exact = torch.linalg.svdvals(M)
+    fft = cr.conv_singular_values(K, n)
+    assert len(fft) == n * n * min(c_out, c_in) == len(exact)
+    torch.testing.assert_close(fft, exact, rtol=0, atol=1e-12)
+
+
+def test_power_iteration_agrees():
+    K = kernel(3, 2, 3, seed=2)
+    assert cr.power_iteration_norm(K, 5, iterations=150) == pytest.approx(cr.conv_spectral_norm(K, 5), rel=1e-6)
+
+
+def test_explicit_operator_is_the_padded_convolution():
+    K, x = kernel(3, 2, 3), kernel(1, 2, 6, seed=1)
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), K)
+    torch.testing.assert_close(cr.circular_conv_matrix(K, 6) @ x.flatten(), y.flatten())
+
+
+def test_one_by_one_kernel_has_the_matrix_norm_at_every_size():
+    K = kernel(5, 3, 1)
+    for n in (1, 4, 7):
+        assert cr.conv_spectral_norm(K, n) == pytest.approx(float(torch.linalg.matrix_norm(K[:, :, 0, 0], 2)), rel=1e-12)
+        # every frequency sees the same matrix: each singular value repeats n^2 times
+        values = cr.conv_singular_values(K, n)
+        torch.testing.assert_close(values[::n * n], torch.linalg.svdvals(K[:, :, 0, 0]))
+
+
+def test_single_channel_norm_is_the_largest_dft_modulus_and_is_scale_equivariant():
+    K = kernel(1, 1, 3)
+    n = 8
+    expected = torch.fft.fft2(K[0, 0], s=(n, n)).abs().max()
+    assert cr.conv_spectral_norm(K, n) == pytest.approx(float(expected), rel=1e-12)
+    assert cr.conv_spectral_norm(-2.5 * K, n) == pytest.approx(2.5 * float(expected), rel=1e-12)
+    # a delta kernel is the identity; an averaging kernel has norm 1 (its DC component)
+    delta = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    delta[0, 0, 1, 1] = 1
+    assert cr.conv_spectral_norm(delta, n) == pytest.approx(1.0)
+    assert cr.conv_spectral_norm(torch.full((1, 1, 3, 3), 1 / 9, dtype=torch.float64), n) == pytest.approx(1.0)
+
+
+def test_norm_increases_with_the_image_size_towards_the_symbol_supremum():
+    # the DFT frequencies of an n-grid are among those of a 2n-grid (folding the kernel samples its symbol),
+    # so the norm is non-decreasing along n = 2, 4, 8, ... and bounded by the supremum of the symbol
+    K = kernel(2, 2, 3, seed=3)
+    norms = [cr.conv_spectral_norm(K, n) for n in (1, 2, 4, 8, 16, 32)]
+    assert all(b >= a - 1e-12 for a, b in zip(norms, norms[1:]))
+    assert norms[-1] <= cr.conv_spectral_norm(K, 512) + 1e-12
+
+
+def test_statistics_on_planted_kernels():
+    n = 4
+    base = kernel(2, 2, 3, seed=5)
+    base = base / cr.conv_spectral_norm(base, n)  # unit spectral norm
+    L = 6
+    scales = [0.5, 0.5, 3.0, 0.5, 0.5, 0.5]  # one large layer: a "sparse" profile
+    kernels = [s * base for s in scales]
+    stats = cr.scaling_statistics(kernels, [n] * L, beta=0.5)
+    assert stats["maximum"] == pytest.approx(3.0)
+    assert stats["root_ssq"] == pytest.approx(math.sqrt(5 * 0.25 + 9))
+    assert stats["increment"] == pytest.approx(L**0.5 * 2.5)  # |3 - 0.5| times the unit norm
+    np.testing.assert_allclose(cr.layer_norms(kernels, [n] * L), scales)
+    # kernels of another shape or size are not compared with their neighbours
+    mixed = [base, torch.zeros(2, 3, 3, 3, dtype=torch.float64), 2 * base, 5 * base]
+    stats = cr.scaling_statistics(mixed, [n] * 4, beta=0.0)
+    assert stats["increment"] == pytest.approx(3.0)
+    assert math.isnan(cr.scaling_statistics([base, 2 * base], [n, 2])["increment"])
+
+
+def test_statistics_of_a_smooth_profile_give_regime_one_exponents():
+    # K_k = L^-beta f(k/L) K with f Lipschitz: max ~ L^-beta, increment (beta-scaled) ~ 1/L, root SSQ ~ L^(1/2 - beta)
+    from resnode.metrics import loglog_slope
+
+    base, beta, n = kernel(2, 2, 3, seed=7), 0.5, 4
+    base = base / cr.conv_spectral_norm(base, n)
+    depths = [8, 16, 32, 64]
+    stats = [cr.scaling_statistics([L**-beta * (1 + math.sin(2 * k / L)) * base for k in range(L)], [n] * L, beta)
+             for L in depths]
+    assert loglog_slope(depths, [s["maximum"] for s in stats]) == pytest.approx(-beta, abs=0.02)
+    assert loglog_slope(depths, [s["root_ssq"] for s in stats]) == pytest.approx(0.5 - beta, abs=0.02)
+    assert loglog_slope(depths, [s["increment"] for s in stats]) == pytest.approx(-1.0, abs=0.02)
+
+
+def test_fold_kernel_sums_taps_modulo_n():
+    K = kernel(1, 1, 5)
+    folded = cr.fold_kernel(K, 2)
+    assert folded.shape == (1, 1, 2, 2)
+    assert float(folded[0, 0, 0, 0]) == pytest.approx(float(K[0, 0, ::2, ::2].sum()))
+    torch.testing.assert_close(cr.fold_kernel(K, 7)[..., :5, :5], K)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="kernel"):
+        cr.conv_spectral_norm(torch.ones(3, 3), 4)
+    with pytest.raises(ValueError, match="n must"):
+        cr.conv_spectral_norm(kernel(1, 1, 3), 0)
+    with pytest.raises(ValueError, match="sizes"):
+        cr.layer_norms([kernel(1, 1, 3)], [4, 4])
+    with pytest.raises(ValueError, match="which"):
+        cr.RegimeResNet((1,), (4,)).kernels("B")
+    with pytest.raises(ValueError, match="blocks and channels"):
+        cr.RegimeResNet((1, 2), (4,))
+    with pytest.raises(ValueError, match="depth"):
+        cr.split_depth(1, 2)
+
+
+def test_paper_depth_grid_and_table():
+    assert all(sum(blocks) == L and len(blocks) == 4 for L, blocks in cr.PAPER_BLOCKS.items())
+    assert sorted(cr.PAPER_BLOCKS) == [8, 11, 12, 14, 16, 18, 20, 24, 28, 33, 42, 50, 65, 80, 100, 121]
+    assert set(cr.PAPER_TEST_ERROR) == set(cr.PAPER_BLOCKS) - {18}
+    for depth in range(2, 40):
+        for stages in (1, 2, 3, 4):
+            if depth >= stages:
+                blocks = cr.split_depth(depth, stages)
+                assert sum(blocks) == depth and max(blocks) - min(blocks) <= 1 and min(blocks) >= 1
+    assert cr.split_depth(10, 3, outer=1) == (1, 8, 1)
+    assert cr.split_depth(11, 4, outer=2) == (2, 3, 4, 2)  # the paper's L = 11 row
+    with pytest.raises(ValueError, match="depth must be at least 3"):
+        cr.split_depth(2, 3, outer=1)
+    with pytest.raises(ValueError, match="stages >= 3"):
+        cr.split_depth(8, 2, outer=1)
+
+
+def test_model_shapes_kernels_and_sizes():
+    torch.manual_seed(0)
+    net = cr.RegimeResNet((2, 3), (4, 8), in_channels=1, classes=7)
+    assert net.depth == 5
+    x = torch.randn(3, 1, 8, 8)
+    assert net(x).shape == (3, 7)
+    A, delta = net.kernels("A"), net.kernels("delta")
+    assert [tuple(k.shape) for k in A] == [(4, 4, 3, 3)] * 2 + [(8, 4, 3, 3)] + [(8, 8, 3, 3)] * 2
+    assert [tuple(k.shape) for k in delta] == [(4, 4, 3, 3)] * 2 + [(8, 8, 3, 3)] * 3
+    assert net.input_sizes("A", 8) == [8, 8, 8, 4, 4]
+    assert net.input_sizes("delta", 8) == [8, 8, 4, 4, 4]
+    # the sizes are those the convolutions really see
+    seen = []
+    hooks = [b.conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1])) for b in net.blocks]
+    net(x)
+    for h in hooks:
+        h.remove()
+    assert seen == net.input_sizes("A", 8)
+    # the paper's L = 8 network (CIFAR size) has 8 A kernels and ends at 4x4 with 512 channels
+    paper = cr.RegimeResNet(cr.PAPER_BLOCKS[8], (64, 128, 256, 512))
+    assert paper.depth == 8 and paper.input_sizes("delta", 32)[-1] == 4
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in paper.modules())
+    assert all(m.bias is None for m in paper.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_block_is_equation_3_2():
+    torch.manual_seed(1)
+    block = cr.RegimeBlock(4, 4)
+    h = torch.randn(2, 4, 5, 5)
+    relu, conv = torch.relu, torch.nn.functional.conv2d
+    expected = relu(h + conv(relu(conv(h, block.conv1.weight, padding=1)), block.conv2.weight, padding=1))
+    torch.testing.assert_close(block(h), expected)
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+    torch.testing.assert_close(block(h), relu(h))  # delta = 0: the block is ReLU of the identity
+
+
+def test_digits_split_is_disjoint_and_standardised():
+    train, test = cr.image_data("digits", train_limit=600)
+    assert train.inputs.shape == (600, 1, 8, 8) and test.inputs.shape == (500, 1, 8, 8)
+    assert abs(float(train.inputs.mean())) < 1e-5 and float(train.inputs.std()) == pytest.approx(1.0, rel=1e-4)
+    rows = {tuple(x.flatten().tolist()) for x in train.inputs}
+    assert sum(tuple(x.flatten().tolist()) in rows for x in test.inputs) < 10  # digits holds a few duplicate images
+
+
+def test_missing_cifar_raises_the_library_error(tmp_path, monkeypatch):
+    from resnode.data import DatasetNotFoundError
+
+    monkeypatch.setenv("RESNODE_CIFAR10", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10"):
+        cr.image_data("cifar-10")
+
+
+def test_run_depth_measures_before_and_after():
+    train, test = cr.image_data("digits", train_limit=64)
+    out = cr.run_depth((1, 2, 1), (4, 8, 8), train, test, epochs=1, batch_size=32, lr=0.05)
+    assert out["model"].depth == 4 and len(out["history"]["loss"]) == 1
+    assert len(out["init"]["A"]["layers"]) == 4 and out["trained"]["A"]["maximum"] != out["init"]["A"]["maximum"]
