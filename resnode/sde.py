@@ -28,6 +28,7 @@ import torchsde
 from torch import Tensor
 
 from . import _checks, ode
+from .models import euler
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,16 +242,12 @@ def regime2_weights(drift: SmoothDrift, noise: Noise, grid: BrownianGrid, depth:
 
 
 def resnet(x: Tensor, A: Tensor, b: Tensor, delta: float, sigma) -> Tensor:
-    """All states of ``h_{k+1} = h_k + delta sigma(A_k h_k + b_k)`` (eq. 1.1): ``(L + 1, *x.shape)``.
+    """All states of ``h_{k+1} = h_k + delta sigma(A_k h_k + b_k)`` (eq. 1.1): ``(L + 1, *x.shape)``, by ``models.euler``.
 
     ``A`` is ``(L, ..., d, d)`` and ``b`` ``(L, ..., d)``; leading dimensions after depth (paths) broadcast with ``x``.
     """
     h = x.expand(*torch.broadcast_shapes(x.shape, b.shape[1:]))
-    states = [h]
-    for Ak, bk in zip(A.unbind(0), b.unbind(0)):
-        h = h + delta * sigma((Ak @ h[..., None])[..., 0] + bk)
-        states.append(h)
-    return torch.stack(states)
+    return euler(h, lambda h, Ak, bk: sigma((Ak @ h[..., None])[..., 0] + bk), (A, b), delta, trajectory=True)
 
 
 def resnet_jacobians(states: Tensor, A: Tensor, b: Tensor, delta: float, sigma: CurvedTanh) -> Tensor:

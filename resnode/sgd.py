@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import _checks, engine
+from . import _checks, engine, flow
 
 DELTAS = ("shared", "layer")
 OPTIMIZERS = ("sgd", "adam")
@@ -86,17 +86,12 @@ def layer_scalars(weights: dict[str, Tensor]) -> Tensor:
 def loss_and_grads(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str,
                    workspace: engine.Workspace | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean-square loss ``(1 / (n d)) sum_i ||h_L(x_i) - y_i||^2`` (``()`` or ``(S,)``) and its gradients in
-    ``A``, ``b`` and ``delta`` (the shared one through ``|delta|``), by the fused engine."""
+    ``A``, ``b`` and ``delta`` (the shared one through ``|delta|``): ``flow.loss_and_grads`` with ``V = delta_k``."""
     kind = _delta_kind(weights)
-    spec = engine.Residual(activation)
-    trace = engine.forward(x, weights["A"], layer_scalars(weights), weights["b"], spec, workspace)
-    residual = trace.states[-1] - y
-    n, d = x.shape[-2], x.shape[-1]
-    loss = residual.square().sum((-2, -1)) / (n * d)
-    _, gA, gV, gb = engine.backward(residual * (2 / (n * d)), trace, weights["A"], layer_scalars(weights),
-                                    weights["b"], spec, workspace)
-    gdelta = gV.sum(0) * torch.sign(weights["delta"]) if kind == "shared" else gV
-    return loss, {"A": gA, "b": gb, "delta": gdelta}
+    fused = {"W": weights["A"], "V": layer_scalars(weights), "b": weights["b"]}
+    loss, grads = flow.loss_and_grads(x, y, fused, engine.Residual(activation), scale=1 / x.shape[-1], workspace=workspace)
+    gdelta = grads["V"].sum(0) * torch.sign(weights["delta"]) if kind == "shared" else grads["V"]
+    return loss, {"A": grads["W"], "b": grads["b"], "delta": gdelta}
 
 
 def mse(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str) -> Tensor:
