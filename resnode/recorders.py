@@ -119,7 +119,8 @@ class DistanceTo:
     where ``reference`` (a ``Snapshots`` of the reference run, or its ``taken`` dict) holds the reference weights.
 
     The reference grid must contain every layer ``i L_ref / L`` after its own coarsening: its layer count
-    (as snapshotted) must be a multiple of ``L``. ``.values[name]`` is ``(times, *copies)``.
+    (as snapshotted) must be a multiple of ``L``. ``.values[name]`` is ``(times, *copies)``. A checkpoint keeps
+    the values, not the reference.
     """
 
     def __init__(self, reference, names: Sequence[str] = ("V", "W"), copies: int = 0):
@@ -143,6 +144,10 @@ class DistanceTo:
                 ref = ref.reshape(ref.shape[0], *(1,) * self.copies, *ref.shape[1:])
             gap = (w - ref).flatten(start_dim=1 + self.copies)
             self._values[name].append(gap.square().sum(-1).mean(0).sqrt().cpu().numpy())
+
+    def __getstate__(self) -> dict:
+        """Pickled (as in a checkpoint) without the reference weights, which the resuming run passes again."""
+        return {k: v for k, v in self.__dict__.items() if k != "reference"}
 
     @property
     def values(self) -> dict[str, np.ndarray]:

@@ -22,7 +22,9 @@ def test_chapter_is_stored_executed_and_parameterised(chapter):
     assert None not in counts and counts == sorted(counts), "run the whole notebook in order before committing"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, "a stored cell output is an error"
-    claims = [c for c in code if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
+    # claim cells: outputs compared by nbval ('nbval-check-output'), or, where the printed figures come from
+    # training whose last digits change with the CPU's kernels, run and asserted but not compared ('claim-output-varies')
+    claims = [c for c in code if {"nbval-check-output", "claim-output-varies"} & set(c.get("metadata", {}).get("tags", []))]
     assert claims and all("assert" in "".join(c["source"]) for c in claims), "claim cells assert and are checked"
 
 

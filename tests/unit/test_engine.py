@@ -53,6 +53,19 @@ def test_fused_gradients_match_autograd(activation, kind, lead):
         assert (mine - theirs).norm() <= 1e-12 * theirs.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gelu_and_its_derivative_equal_torch_on_the_whole_line(dtype):
+    x = torch.linspace(-45, 45, 9001, dtype=dtype).requires_grad_()  # far tails: Phi underflows, x phi(x) too
+    act = torch.nn.functional.gelu(x)
+    (slope,) = torch.autograd.grad(act.sum(), x)
+    ours = engine.activation_derivative("gelu", act.detach(), x.detach())
+    assert torch.allclose(ours, slope, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    h0, W = torch.eye(3, dtype=dtype), torch.linspace(-40, 40, 9, dtype=dtype).reshape(1, 3, 3)
+    pre = h0 @ W[0].mT
+    states = engine.forward(h0, W, None, None, engine.Residual("gelu")).states  # h1 = h0 + gelu(W h0)
+    assert torch.allclose(states[1] - h0, torch.nn.functional.gelu(pre), rtol=0, atol=4 * torch.finfo(dtype).eps * 40)
+
+
 def test_fused_gradient_passes_gradcheck():
     h0, W, V, b = draw("matrix", depth=4, n=3, q=2)
     spec = engine.Residual("gelu", step=0.25, block=3)
@@ -189,6 +202,28 @@ def test_distance_to_a_reference_on_a_finer_grid():
     assert np.allclose(dist.values["V"], [0.5])
     with pytest.raises(ValueError, match="multiple"):
         dist.update(0, {"V": fine[:5]}, torch.tensor(0.0))
+
+
+def test_a_checkpoint_keeps_distances_but_not_their_reference(tmp_path):
+    x, y, weights, spec = marion_problem()
+    fine = {name: torch.repeat_interleave(w, 2, dim=0) + 0.1 for name, w in weights.items()}  # a 2L-layer grid
+    reference = {t: fine for t in range(10)}
+    full = recorders.DistanceTo(reference)
+    flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[full])
+    path = tmp_path / "run.pt"
+    Interrupt.armed = True
+    with pytest.raises(Killed):
+        flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[recorders.DistanceTo(reference), Interrupt(7)],
+                           checkpoint=path, checkpoint_every=3)
+    saved = torch.load(path, weights_only=False)["recorders"][0]
+    assert "reference" not in saved.__dict__ and len(saved.times) == 6  # t = 0 .. 5 recorded before the save at 6
+    Interrupt.armed = False
+    resumed = recorders.DistanceTo(reference)
+    flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[resumed, Interrupt(7)],
+                       checkpoint=path, checkpoint_every=3)
+    assert resumed.times == list(range(10)) and resumed.reference is not None
+    for name in weights:
+        assert np.array_equal(resumed.values[name], full.values[name]) and full.values[name].shape == (10,)
 
 
 def test_fused_resnet_module_equals_the_autograd_one():
