@@ -47,17 +47,17 @@ def _per_copy(dt, weights: dict[str, Tensor]) -> dict[str, Tensor | float]:
 def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine.Residual, steps: int, dt,
                   *, clip: float | None = None, scale: float = 1.0, recorders: Sequence = (),
                   progress: bool = False, checkpoint: str | os.PathLike | None = None,
-                  checkpoint_every: int = 1000) -> dict[str, Tensor]:
+                  checkpoint_every: int | None = None) -> dict[str, Tensor]:
     """Run ``steps`` updates of the (clipped) gradient flow from ``weights`` (``W``, and ``V`` / ``b`` if present).
 
     ``x``: inputs already lifted (``h_0 = A x``), ``(n, q)``, or ``(S, n, q)``; ``y``: targets of ``h_L`` (the
     output map ``B`` is the identity, as in Appendix E's synthetic runs). Every recorder is updated at
     ``t = 0 .. steps``. With ``checkpoint``, the weights, the iteration and the recorders are saved there
-    every ``checkpoint_every`` updates and at the end, and a run finding the file resumes from it.
+    every ``checkpoint_every`` updates (by default every ``2^20 / L`` updates, a minute or so of work at any
+    depth) and at the end, and a run finding the file resumes from it.
     Returns the trained weights (new tensors; the arguments are not modified).
     """
     steps = _checks.positive_int("steps", steps)
-    checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
     if clip is not None:
         clip = _checks.positive_float("clip", clip)
     if not set(weights) <= {"W", "V", "b"} or "W" not in weights:
@@ -70,6 +70,9 @@ def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine
         y = y.expand(weights["W"].shape[1], *y.shape)
     rate = _per_copy(dt, weights)
     depth = weights["W"].shape[0]
+    if checkpoint_every is None:
+        checkpoint_every = max(1, 2**20 // depth)
+    checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
     recorders = list(recorders)
     start = 0
     path = None if checkpoint is None else Path(checkpoint)
@@ -106,6 +109,15 @@ def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine
     if path is not None:
         _save(path, steps + 1, weights, recorders)  # t = steps + 1: finished, nothing left to record
     return weights
+
+
+def checkpoint_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """``folder/name.pt`` for ``gradient_flow(checkpoint=...)``, the folder created; ``None`` when ``folder`` is empty
+    (a chapter's ``cache_dir`` parameter left unset). The name must say everything that makes the run differ."""
+    if not str(folder):
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{name}.pt"
 
 
 def _save(path: Path, t: int, weights: dict[str, Tensor], recorders: list) -> None:

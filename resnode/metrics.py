@@ -31,6 +31,18 @@ def exponential_rate(t, values) -> tuple[float, float]:
     return float(-coef[0]), float(1 - (logs - np.polyval(coef, t)).var() / logs.var())
 
 
+def uniform_exponential_rate(t, values) -> float:
+    """The largest ``r`` with ``values(t) <= e^{-r t} values(0)`` at every recorded ``t > 0``:
+    ``min_t -log(values(t) / values(0)) / t``, the rate of an exponential bound like Marion et al. eq. (10).
+    ``t`` must start at 0."""
+    t, values = np.asarray(t, dtype=float).ravel(), np.asarray(values, dtype=float).ravel()
+    if t.shape != values.shape or len(t) < 2 or t[0] != 0 or (t[1:] <= 0).any():
+        raise ValueError("t and values need the same length, at least 2, with t[0] = 0 and later t > 0")
+    if (values <= 0).any():
+        raise ValueError("uniform_exponential_rate needs positive values")
+    return float(np.min(-np.log(values[1:] / values[0]) / t[1:]))
+
+
 def crossings(paths) -> int:
     """Number of times two 1-D trajectories swap order from one layer to the next (Sander et al. Fig. 1).
 

@@ -181,6 +181,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert np.array_equal(losses.values, full_losses.values)
 
 
+def test_checkpoint_file_is_none_without_a_folder_and_creates_the_folder(tmp_path):
+    assert flow.checkpoint_file("", "run") is None
+    path = flow.checkpoint_file(tmp_path / "cache" / "deeper", "paper-L64")
+    assert path == tmp_path / "cache" / "deeper" / "paper-L64.pt" and path.parent.is_dir()
+
+
 def test_max_increment_of_known_weights():
     depth = 5
     V = torch.arange(depth, dtype=torch.float64).reshape(depth, 1, 1).expand(depth, 2, 2) ** 2  # increments 2(2k+1)

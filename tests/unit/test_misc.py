@@ -81,3 +81,16 @@ def test_exponential_rate_recovers_a_linear_convergence_rate_and_flags_a_power_l
         metrics.exponential_rate(t, -np.ones_like(t))
     with pytest.raises(ValueError):
         metrics.exponential_rate([0, 1], [1, 2])
+
+
+def test_uniform_exponential_rate_is_the_largest_rate_that_bounds_the_whole_run():
+    t = np.arange(0, 100, 10.0)
+    assert metrics.uniform_exponential_rate(t, 5 * np.exp(-0.03 * t)) == pytest.approx(0.03)
+    slowing = np.exp(-0.05 * t) + 1e-3  # fast, then stuck: the bound is set by the end of the run
+    r = metrics.uniform_exponential_rate(t, slowing)
+    assert r == pytest.approx(-np.log(slowing[-1] / slowing[0]) / t[-1])
+    assert np.all(slowing <= np.exp(-r * t) * slowing[0] * (1 + 1e-12)) and r < 0.05
+    with pytest.raises(ValueError):
+        metrics.uniform_exponential_rate(t + 1, slowing)  # must start at t = 0
+    with pytest.raises(ValueError):
+        metrics.uniform_exponential_rate(t, -slowing)
