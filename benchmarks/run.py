@@ -4,8 +4,9 @@ Sections (all by default; ``--only`` picks some):
 
 - ``engine``: one full-batch gradient step (forward, loss, backward) of Marion et al.'s residual network
   (GELU perceptron, q = 16, m = 32, n = 100, float32) at L = 64, 1024, 16384: the fused engine
-  (``resnode.engine``) against autograd looping over ``unbind()`` and autograd indexing the stacked
-  tensor ``W[k]`` (quadratic backward, so skipped beyond L = 1024); time per step against L with the
+  (``resnode.engine``, its depth loops compiled, and through torch as on a GPU or without a C compiler)
+  against autograd looping over ``unbind()`` and autograd indexing the stacked tensor ``W[k]`` (quadratic
+  backward, so skipped beyond L = 1024); time per step against L with the
   fitted exponent; peak memory of a 500-iteration L = 16384 gradient-flow run with the recorders of the
   Fig. 1 chapter (a child process; its peak resident memory over an idle child's).
 - ``adjoint``: one forward + backward of a depth-1000 Euler ResNet (tanh perceptron, 256 inputs): exact
@@ -27,7 +28,6 @@ import datetime
 import json
 import math
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import resnode
-from resnode import adjoint, engine, flow, init, metrics, models, recorders
+from resnode import adjoint, engine, flow, init, metrics, models, native, recorders
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("engine", "adjoint", "book")
@@ -88,6 +88,13 @@ def step_runners(depth: int) -> dict:
     def fused():
         flow.loss_and_grads(x, y, {"W": W, "V": V}, spec, workspace=workspace)
 
+    def fused_torch_loops():
+        native.enabled = False
+        try:
+            fused()
+        finally:
+            native.enabled = True
+
     Wp, Vp = W.clone().requires_grad_(), V.clone().requires_grad_()
 
     def unbind():
@@ -104,21 +111,30 @@ def step_runners(depth: int) -> dict:
         (h - y).square().sum(-1).mean().backward()
         Wp.grad = Vp.grad = None
 
-    return {"engine": fused, "autograd-unbind": unbind, "autograd-indexed": indexed}
+    return {"engine": fused, "engine-torch-loops": fused_torch_loops, "autograd-unbind": unbind,
+            "autograd-indexed": indexed}
 
 
-def check_agreement(depth: int) -> float:
-    """Largest relative difference of the fused loss and gradients from autograd's (float32)."""
+def check_agreement(depth: int) -> dict[str, float]:
+    """Largest relative difference of the fused loss and gradients from autograd's (float32), for the engine
+    with compiled loops and with torch loops."""
     x, y, W, V, spec = marion_network(depth)
-    loss, grads = flow.loss_and_grads(x, y, {"W": W, "V": V}, spec)
     Wp, Vp = W.clone().requires_grad_(), V.clone().requires_grad_()
     perceptron = models.Perceptron(16, 32, "gelu")
     h = models.euler(x, perceptron, (Vp, Wp), spec.step)
     reference = (h - y).square().sum(-1).mean()
     reference.backward()
-    return max(abs(loss.item() - reference.item()) / reference.item(),
-               ((grads["W"] - Wp.grad).norm() / Wp.grad.norm()).item(),
-               ((grads["V"] - Vp.grad).norm() / Vp.grad.norm()).item())
+    worst = {}
+    for name, compiled in (("engine", True), ("engine-torch-loops", False)):
+        native.enabled = compiled
+        try:
+            loss, grads = flow.loss_and_grads(x, y, {"W": W, "V": V}, spec)
+        finally:
+            native.enabled = True
+        worst[name] = max(abs(loss.item() - reference.item()) / reference.item(),
+                          ((grads["W"] - Wp.grad).norm() / Wp.grad.norm()).item(),
+                          ((grads["V"] - Vp.grad).norm() / Vp.grad.norm()).item())
+    return worst
 
 
 def engine_section(smoke: bool) -> list[dict]:
@@ -128,15 +144,17 @@ def engine_section(smoke: bool) -> list[dict]:
     for depth in depths:
         runners = step_runners(depth)
         repeats = 1 if smoke else (5 if depth <= 1024 else 2)
-        times = {"engine": median_time(runners["engine"], repeats * (1 if smoke else 4)),
-                 "autograd-unbind": median_time(runners["autograd-unbind"], repeats)}
+        times = {name: median_time(runners[name], repeats * (1 if smoke else 4))
+                 for name in ("engine", "engine-torch-loops")}
+        times["autograd-unbind"] = median_time(runners["autograd-unbind"], repeats)
         if depth <= 1024:
             times["autograd-indexed"] = median_time(runners["autograd-indexed"], 1 if depth > 64 else repeats)
         agreement = check_agreement(depth)
-        for baseline in ("autograd-unbind", "autograd-indexed"):
+        for ours, baseline in (("engine", "autograd-unbind"), ("engine", "autograd-indexed"),
+                               ("engine-torch-loops", "autograd-unbind")):
             if baseline in times:
-                out.append(record("engine", f"engine vs {baseline}", f"{config}, L={depth}", times["engine"],
-                                  baseline, times[baseline], depth=depth, max_relative_difference=agreement))
+                out.append(record("engine", f"{ours} vs {baseline}", f"{config}, L={depth}", times[ours],
+                                  baseline, times[baseline], depth=depth, max_relative_difference=agreement[ours]))
     grid = (8, 16, 32) if smoke else (64, 256, 1024, 4096, 16384)
     per_step = []
     for depth in grid:
@@ -158,9 +176,10 @@ def _flow_run(depth: int, steps: int) -> None:
 
 
 def peak_memory_record(steps: int, depth: int) -> dict:
-    code = ("import resource, sys; sys.path.insert(0, {root!r}); import runpy; "
+    # VmHWM is this process's own peak: ru_maxrss would also count its parent's when the child was spawned by vfork
+    code = ("import sys; sys.path.insert(0, {root!r}); import runpy; "
             "m = runpy.run_path({script!r}); {call}; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     script = str(Path(__file__).resolve())
     peaks, times = {}, {}
     for label, call in (("idle", "None"), ("run", f"m['_flow_run']({depth}, {steps})")):
@@ -168,7 +187,7 @@ def peak_memory_record(steps: int, depth: int) -> dict:
         result = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), script=script, call=call)],
                                 capture_output=True, text=True, check=True)
         times[label] = time.perf_counter() - start
-        peaks[label] = int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+        peaks[label] = int(result.stdout.split()[-1]) * 1024  # in KiB
     state = depth * 100 * (16 + 2 * 32) * 4  # states, activations and pre-activations of one step (float32)
     return record("engine", "gradient-flow run peak memory",
                   f"{steps} iterations, L={depth}, GELU q=16 m=32 n=100 float32, recorders: loss, max increment, "
@@ -242,14 +261,14 @@ def book_section(smoke: bool, workers: int = 1) -> list[dict]:
 # --- main ---------------------------------------------------------------------------------------------
 
 def table(records: list[dict]) -> str:
-    lines = [f"{'section':8s} {'name':42s} {'time (s)':>9s} {'speed-up':>9s}  notes"]
+    lines = [f"{'section':8s} {'name':46s} {'time (s)':>9s} {'speed-up':>9s}  notes"]
     for r in records:
         notes = {k: r[k] for k in ("max_relative_difference", "fitted_exponent", "peak_bytes_over_idle",
                                    "time_over_backprop", "memory_over_backprop") if k in r}
         t = "" if r["time_s"] is None else f"{r['time_s']:9.3f}"
         s = "" if r["speedup_over_baseline"] is None else f"{r['speedup_over_baseline']:9.2f}"
         label = r["name"] + ("" if "depth" not in r else f" (L={r['depth']})")
-        lines.append(f"{r['section']:8s} {label:42s} {t:>9s} {s:>9s}  "
+        lines.append(f"{r['section']:8s} {label:46s} {t:>9s} {s:>9s}  "
                      + ", ".join(f"{k}={v:.4g}" for k, v in notes.items()))
     return "\n".join(lines)
 

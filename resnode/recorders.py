@@ -23,10 +23,26 @@ def _times(name: str, times: Iterable[int]) -> tuple[int, ...]:
     return times
 
 
-def increments(stacked: Tensor, lead: int) -> Tensor:
-    """``||Z_{k+1} - Z_k||_F`` for ``k < L - 1``: shape ``(L - 1, *copies)`` where ``lead`` counts the copy dimensions."""
-    diff = stacked[1:] - stacked[:-1]
-    return torch.linalg.vector_norm(diff.flatten(start_dim=1 + lead), dim=-1)
+def increments(stacked: Tensor, lead: int, buffers: dict[str, Tensor] | None = None, chunk_bytes: int = 2**20) -> Tensor:
+    """``||Z_{k+1} - Z_k||_F`` for ``k < L - 1``: shape ``(L - 1, *copies)`` where ``lead`` counts the copy dimensions.
+
+    The differences are formed about ``chunk_bytes`` at a time, in ``buffers`` kept by the caller from one call
+    to the next when given (the result is then one of them, overwritten by the next call). A fresh difference of the whole stack at every iteration (33 MB at L = 2^14)
+    fragmented glibc's heap in some runs: 6 GB resident after 500 iterations instead of 1.2 GB.
+    """
+    flat = stacked.flatten(start_dim=1 + lead)
+    size = max(1, chunk_bytes // max(1, flat[0].numel() * flat.element_size()))
+    shapes = {"out": (len(flat) - 1, *flat.shape[1:-1]), "diff": (min(size, len(flat)), *flat.shape[1:])}
+    buffers = {} if buffers is None else buffers
+    for key, shape in shapes.items():
+        if key not in buffers or buffers[key].shape != shape or buffers[key].dtype != flat.dtype:
+            buffers[key] = flat.new_empty(shape)
+    out, diff = buffers["out"], buffers["diff"]
+    for lo in range(0, len(out), size):
+        hi = min(lo + size, len(out))
+        chunk = torch.sub(flat[lo + 1 : hi + 1], flat[lo:hi], out=diff[: hi - lo])
+        torch.linalg.vector_norm(chunk, dim=-1, out=out[lo:hi])
+    return out
 
 
 class Loss:
@@ -65,10 +81,17 @@ class MaxIncrement:
         self._running: dict[str, Tensor] = {}
         self._sum_sq: dict[str, Tensor] = {}
         self.now: dict[str, Tensor] = {}
+        self._buffers: dict[str, dict[str, Tensor]] = {}  # reused at every update; not pickled
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_buffers"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _buffers={})
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
         for name in self.names:
-            inc = increments(weights[name], self.copies)
+            inc = increments(weights[name], self.copies, self._buffers.setdefault(name, {}))
             top = inc.max(0).values
             self.now[name] = top
             if name not in self._running:

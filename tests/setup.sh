@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 python3 -m pip install --quiet --disable-pip-version-check --no-deps -e .
 python3 -m ipykernel install --user --name python3 --display-name "Python 3" >/dev/null
+command -v "${CC:-cc}" >/dev/null \
+  || echo "setup: no C compiler (cc): resnode's engine will run its depth loops through torch, about 3x slower" >&2
 fashion=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$fashion" ] && [ -z "${RESNODE_FASHION_MNIST:-}" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -1,12 +1,30 @@
-"""The fused engine against autograd; the gradient flow (4)-(5); the recorders."""
+"""The fused engine against autograd, with its depth loops compiled and through torch; the gradient flow
+(4)-(5); the recorders."""
+
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from resnode import engine, flow, models, recorders
+from resnode import engine, flow, models, native, recorders
 
 KINDS = ("matrix", "scalar", "none")
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def loops(request, monkeypatch):
+    """Runs a test with the engine's depth loops in C (``resnode.native``), then through torch."""
+    compiled = request.param == "compiled"
+    if compiled and shutil.which("cc") is None:
+        pytest.skip("no C compiler: the engine runs its loops through torch")
+    monkeypatch.setattr(native, "enabled", compiled)
+    if compiled:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a compiler that is there must build the kernels
+            assert native.kernels(torch.float64, 4, 6) is not None
+    return request.param
 
 
 def autograd_resnet(h0, W, V, b, spec):
@@ -40,7 +58,7 @@ def draw(kind, lead=(), depth=23, n=5, q=4, bias=True, seed=0):
 @pytest.mark.parametrize("activation", models.ACTIVATIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("lead", [(), (3,)])
-def test_fused_gradients_match_autograd(activation, kind, lead):
+def test_fused_gradients_match_autograd(activation, kind, lead, loops):
     h0, W, V, b = draw(kind, lead, bias=kind != "none")
     spec = engine.Residual(activation, step=1 / 23, inner=0.5, outer=0.7, block=5)  # blocks of 5 over 23 layers
     inputs = [t for t in (h0, W, V, b) if t is not None]
@@ -54,7 +72,7 @@ def test_fused_gradients_match_autograd(activation, kind, lead):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gelu_and_its_derivative_equal_torch_on_the_whole_line(dtype):
+def test_gelu_and_its_derivative_equal_torch_on_the_whole_line(dtype, loops):
     x = torch.linspace(-45, 45, 9001, dtype=dtype).requires_grad_()  # far tails: Phi underflows, x phi(x) too
     act = torch.nn.functional.gelu(x)
     (slope,) = torch.autograd.grad(act.sum(), x)
@@ -64,21 +82,98 @@ def test_gelu_and_its_derivative_equal_torch_on_the_whole_line(dtype):
     pre = h0 @ W[0].mT
     states = engine.forward(h0, W, None, None, engine.Residual("gelu")).states  # h1 = h0 + gelu(W h0)
     assert torch.allclose(states[1] - h0, torch.nn.functional.gelu(pre), rtol=0, atol=4 * torch.finfo(dtype).eps * 40)
+    W.requires_grad_()
+    (through,) = torch.autograd.grad(engine.resnet(h0, W, None, None, spec=engine.Residual("gelu")).sum(), W)
+    w = W[0].detach().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.nn.functional.gelu(w).sum(), w)
+    assert torch.allclose(through[0], expected, rtol=0, atol=4 * torch.finfo(dtype).eps)  # d sum h1 / dW = GELU'(W)
 
 
-def test_fused_gradient_passes_gradcheck():
+def test_fused_gradient_passes_gradcheck(loops):
     h0, W, V, b = draw("matrix", depth=4, n=3, q=2)
     spec = engine.Residual("gelu", step=0.25, block=3)
     assert torch.autograd.gradcheck(lambda *a: engine.resnet(*a, spec=spec), (h0, W, V, b))
 
 
-def test_batched_copies_equal_separate_runs():
+def test_batched_copies_equal_separate_runs(loops):
     h0, W, V, b = draw("matrix", lead=(3,))
     spec = engine.Residual("tanh", step=0.1)
     together = engine.resnet(h0, W, V, b, spec=spec)
-    for s in range(3):
+    for s in range(3):  # W[:, s] and b[:, s] are not contiguous
         alone = engine.resnet(h0[s], W[:, s], V[:, s], b[:, s], spec=spec)
         assert torch.allclose(together[s], alone, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("q, m, n", [(1, 1, 1), (3, 5, 7), (7, 2, 4), (16, 32, 100), (33, 17, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", models.ACTIVATIONS)
+def test_compiled_loops_equal_the_torch_loops(q, m, n, dtype, activation, monkeypatch):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(q * m + n)
+    h0 = torch.randn(2, n, q, generator=g, dtype=dtype)
+    W, V, b = (torch.randn(9, 2, *shape, generator=g, dtype=dtype) for shape in ((m, q), (q, m), (m,)))
+    W = 10 * W  # pre-activations of size 10: the tails (softplus above its threshold 20, saturated sigmoid)
+    probe = torch.randn(2, n, q, generator=g, dtype=dtype)
+    spec = engine.Residual(activation, step=0.3 / 9, inner=q**-0.5, outer=m**-0.5, block=4)
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(native, "enabled", compiled)
+        trace = engine.forward(h0, W, V, b, spec)
+        results[compiled] = (trace.states.clone(), trace.acts.clone(), *engine.backward(probe, trace, W, V, b, spec))
+    tolerance = 50 * torch.finfo(dtype).eps
+    for mine, theirs in zip(*results.values()):
+        assert (mine - theirs).norm() <= tolerance * theirs.norm()
+
+
+def test_compiled_float32_loops_round_no_worse_than_torch(monkeypatch):
+    """Against float64, over 256 layers: each update is summed apart before it is added to the state (as BLAS
+    does). Adding the terms into the state one by one made the float32 error 6 times larger."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(1)
+    h0, y = torch.randn(2, 100, 16, generator=g)
+    W, V = torch.randn(256, 32, 16, generator=g), 0.1 * torch.randn(256, 16, 32, generator=g)
+    spec = engine.Residual("gelu", step=1 / 256, inner=16**-0.5, outer=32**-0.5)
+    exact = flow.loss_and_grads(h0.double(), y.double(), {"W": W.double(), "V": V.double()}, spec)
+    error = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(native, "enabled", compiled)
+        loss, grads = flow.loss_and_grads(h0, y, {"W": W, "V": V}, spec)
+        error[compiled] = max([abs(loss.item() / exact[0].item() - 1)]
+                              + [((grads[k].double() - exact[1][k]).norm() / exact[1][k].norm()).item() for k in "WV"])
+    assert error[True] <= 1.5 * error[False] + 1e-8, error
+
+
+def test_without_a_compiler_the_engine_warns_and_runs_its_loops_through_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("RESNODE_CACHE", str(tmp_path))
+    native.kernels.cache_clear()
+    try:
+        h0, W, V, b = draw("matrix")
+        spec = engine.Residual("tanh", step=0.1)
+        with pytest.warns(RuntimeWarning, match="compiled engine loops are unavailable"):
+            out = engine.resnet(h0, W, V, b, spec=spec)
+        assert torch.allclose(out, autograd_resnet(h0, W, V, b, spec), rtol=0, atol=1e-13)
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("RESNODE_CACHE", str(tmp_path))
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels(torch.float32, 5, 3) is not None
+        (built,) = tmp_path.rglob("*.so")
+        stamp = built.stat().st_mtime_ns
+        native.kernels.cache_clear()
+        assert native.kernels(torch.float32, 5, 3) is not None and built.stat().st_mtime_ns == stamp
+        assert native.kernels(torch.float16, 5, 3) is None  # other dtypes run through torch
+    finally:
+        native.kernels.cache_clear()
 
 
 def test_bad_shapes_and_parameters_raise():
@@ -197,6 +292,19 @@ def test_max_increment_of_known_weights():
     assert np.allclose(top, [2 * 7, 2 * 7])  # ||.||_F of a 2x2 block of equal entries is 2 |entry|
     squares = sum((2 * (2 * k + 1)) ** 2 for k in range(4))
     assert np.allclose(l2, [0.0, np.sqrt(squares)])  # sums t < T
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 2**20])
+def test_increments_in_reused_buffers_equal_the_direct_formula(chunk_bytes):
+    g = torch.Generator().manual_seed(0)
+    buffers = {}
+    for stacked, lead in ((torch.randn(37, 3, 4, generator=g), 0), (torch.randn(37, 2, 3, 4, generator=g), 1),
+                          (torch.randn(37, 3, 4, generator=g), 0), (torch.randn(1, 3, generator=g), 0)):
+        direct = torch.linalg.vector_norm((stacked[1:] - stacked[:-1]).flatten(start_dim=1 + lead), dim=-1)
+        assert torch.equal(recorders.increments(stacked, lead, buffers, chunk_bytes), direct)
+    rec = recorders.MaxIncrement([0], names=("W",))
+    rec.update(0, {"W": torch.randn(9, 2, 2, generator=g)}, torch.tensor(0.0))
+    assert rec._buffers and "_buffers" not in rec.__getstate__()  # a checkpoint does not carry them
 
 
 def test_distance_to_a_reference_on_a_finer_grid():
