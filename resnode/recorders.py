@@ -23,12 +23,14 @@ def _times(name: str, times: Iterable[int]) -> tuple[int, ...]:
     return times
 
 
-def increments(stacked: Tensor, lead: int, buffers: dict[str, Tensor] | None = None, chunk_bytes: int = 2**20) -> Tensor:
+def increments(stacked: Tensor, lead: int, buffers: dict[str, Tensor] | None = None,
+               chunk_bytes: int = 2**20) -> Tensor:
     """``||Z_{k+1} - Z_k||_F`` for ``k < L - 1``: shape ``(L - 1, *copies)`` where ``lead`` counts the copy dimensions.
 
-    The differences are formed about ``chunk_bytes`` at a time, in ``buffers`` kept by the caller from one call
-    to the next when given (the result is then one of them, overwritten by the next call). A fresh difference of the whole stack at every iteration (33 MB at L = 2^14)
-    fragmented glibc's heap in some runs: 6 GB resident after 500 iterations instead of 1.2 GB.
+    The differences are formed about ``chunk_bytes`` at a time, in ``buffers`` kept by the caller from one
+    call to the next when given (the result is then one of them, overwritten by the next call). A fresh
+    difference of the whole stack at every iteration (33 MB at L = 2^14) fragmented glibc's heap in some
+    runs: 6 GB resident after 500 iterations instead of 1.2 GB.
     """
     flat = stacked.flatten(start_dim=1 + lead)
     size = max(1, chunk_bytes // max(1, flat[0].numel() * flat.element_size()))
