@@ -59,7 +59,7 @@ class Residual:
     step: float = 1.0
     inner: float = 1.0
     outer: float = 1.0
-    block: int = 256  # layers whose weight gradients are formed by one batched product
+    block: int = 256  # torch loops: layers whose weight gradients are formed by one batched product
 
     def __post_init__(self):
         _checks.one_of("activation", self.activation, ACTIVATIONS)
