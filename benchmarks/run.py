@@ -24,6 +24,7 @@ Sections (all by default; ``--only`` picks some):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -89,11 +90,8 @@ def step_runners(depth: int) -> dict:
         flow.loss_and_grads(x, y, {"W": W, "V": V}, spec, workspace=workspace)
 
     def fused_torch_loops():
-        native.enabled = False
-        try:
+        with native.torch_loops():
             fused()
-        finally:
-            native.enabled = True
 
     Wp, Vp = W.clone().requires_grad_(), V.clone().requires_grad_()
 
@@ -125,12 +123,9 @@ def check_agreement(depth: int) -> dict[str, float]:
     reference = (h - y).square().sum(-1).mean()
     reference.backward()
     worst = {}
-    for name, compiled in (("engine", True), ("engine-torch-loops", False)):
-        native.enabled = compiled
-        try:
+    for name, loops in (("engine", contextlib.nullcontext), ("engine-torch-loops", native.torch_loops)):
+        with loops():
             loss, grads = flow.loss_and_grads(x, y, {"W": W, "V": V}, spec)
-        finally:
-            native.enabled = True
         worst[name] = max(abs(loss.item() - reference.item()) / reference.item(),
                           ((grads["W"] - Wp.grad).norm() / Wp.grad.norm()).item(),
                           ((grads["V"] - Vp.grad).norm() / Vp.grad.norm()).item())

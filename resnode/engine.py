@@ -126,10 +126,11 @@ def _scalars(V: Tensor, c: float) -> tuple[Tensor, ...]:
     return (c * V).reshape(*V.shape, 1, 1).unbind(0)
 
 
-def _native_v(V: Tensor | None, W: Tensor, c: float, matrix: Tensor | None) -> tuple[int, Tensor | None]:
-    """What ``resnode.native`` takes for ``V``: its kind and the tensor already scaled by ``c``."""
-    if matrix is not None:
-        return native.V_MATRIX, matrix
+def _native_v(V: Tensor | None, c: float, scaled_matrix: Tensor | None) -> tuple[int, Tensor | None]:
+    """What ``resnode.native`` takes for ``V``: its kind and the tensor already scaled by ``c`` (a matrix ``V``
+    comes scaled, as the workspace holds it)."""
+    if scaled_matrix is not None:
+        return native.V_MATRIX, scaled_matrix
     if V is not None:
         return native.V_SCALAR, (c * V).contiguous()
     return native.V_NONE, None
@@ -153,12 +154,11 @@ def forward(h0: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, spec: Res
     acts = ws.get("acts", (depth, *h0.shape[:-1], m), h0)
     pres = ws.get("pres", acts.shape, h0) if name == "gelu" else None
     Wt_all = torch.mul(W.mT, spec.inner, out=ws.get("Wt", (*W.shape[:-2], W.shape[-1], m), W))
-    c = spec.step * spec.outer
-    if _matrix(V, W):
-        Vt_all = torch.mul(V.mT, c, out=ws.get("Vt", (*V.shape[:-2], m, V.shape[-2]), V))
+    c, matrix = spec.step * spec.outer, _matrix(V, W)
+    Vt_all = torch.mul(V.mT, c, out=ws.get("Vt", (*V.shape[:-2], m, V.shape[-2]), V)) if matrix else None
     lib = native.kernels(h0.dtype, h0.shape[-1], m) if native.usable(h0, W, V, b) else None
     if lib is not None:
-        v_kind, v = _native_v(V, W, c, Vt_all if _matrix(V, W) else None)
+        v_kind, v = _native_v(V, c, Vt_all)
         bias = None if b is None else b.contiguous()  # held here: C reads it through a bare pointer
         lib.resnode_forward(depth, h0.shape[0] if batched else 1, h0.shape[-2], native.ACTIVATION_CODES[name], v_kind,
                             c, *map(native.address, (Wt_all, bias, v, states, pres, acts)))
@@ -173,12 +173,12 @@ def forward(h0: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, spec: Res
     Wt = ws.layers("Wt")
     if b is not None:
         b_k = (b.unsqueeze(-2) if batched else b).unbind(0)
-    if _matrix(V, W):
+    if matrix:
         Vt = ws.layers("Vt")
     elif V is not None:
         Vt = _scalars(V, c)
     kept = []  # activations without an out= form, stacked into `acts` once at the end
-    sigma, matrix = activation_function(name), _matrix(V, W)
+    sigma = activation_function(name)
     for k in range(depth):
         if b is None:
             mm(hs[k], Wt[k], out=pre_k[k])
@@ -221,15 +221,15 @@ def backward(grad_output: Tensor, trace: Trace, W: Tensor, V: Tensor | None, b: 
     mm, addmm = (torch.bmm, torch.baddbmm) if batched else (torch.mm, torch.addmm)
     name, c = spec.activation, spec.step * spec.outer
     Wi_all = torch.mul(W, spec.inner, out=ws.get("Wi", W.shape, W))
-    if _matrix(V, W):
-        Vc_all = torch.mul(V, c, out=ws.get("Vc", V.shape, V))
+    matrix = _matrix(V, W)
+    Vc_all = torch.mul(V, c, out=ws.get("Vc", V.shape, V)) if matrix else None
     gW = ws.get("gW", W.shape, W)
     gV = None if V is None else ws.get("gV", V.shape, V)
     gb = None if b is None else ws.get("gb", b.shape, b)
-    lead, matrix = grad_output.shape, _matrix(V, W)
+    lead = grad_output.shape
     lib = native.kernels(W.dtype, W.shape[-1], W.shape[-2]) if native.usable(grad_output, W, V, b) else None
     if lib is not None:
-        v_kind, v = _native_v(V, W, c, Vc_all if matrix else None)
+        v_kind, v = _native_v(V, c, Vc_all)
         g = grad_output.clone(memory_format=torch.contiguous_format)
         scratch = ws.get("scratch", trace.acts.shape[-2:], g)
         lib.resnode_backward(depth, lead[0] if batched else 1, lead[-2], native.ACTIVATION_CODES[name], v_kind, c,

@@ -112,8 +112,9 @@ def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine
 
 
 def checkpoint_file(folder: str | os.PathLike, name: str) -> Path | None:
-    """``folder/name.pt`` for ``gradient_flow(checkpoint=...)``, the folder created; ``None`` when ``folder`` is empty
-    (a chapter's ``cache_dir`` parameter left unset). The name must say everything that makes the run differ."""
+    """``folder/name.pt`` for a resumable run's ``checkpoint`` (``gradient_flow``, ``vision.train_classifier``), the
+    folder created; ``None`` when ``folder`` is empty (a chapter's ``cache_dir`` left unset). The name must say
+    everything that makes the run differ."""
     if not str(folder):
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ for the torch loops.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -82,6 +83,17 @@ def kernels(dtype: torch.dtype, dim: int, width: int) -> ctypes.CDLL | None:
     lib.resnode_backward.argtypes = [*(integer,) * 5, real, real, *(pointer,) * 10]
     lib.resnode_forward.restype = lib.resnode_backward.restype = None
     return lib
+
+
+@contextlib.contextmanager
+def torch_loops():
+    """Inside, the engine runs its depth loops through torch (as on a GPU), whatever ``enabled`` was."""
+    global enabled
+    saved, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = saved
 
 
 def usable(*tensors: Tensor | None) -> bool:

@@ -145,6 +145,17 @@ def test_compiled_float32_loops_round_no_worse_than_torch(monkeypatch):
     assert error[True] <= 1.5 * error[False] + 1e-8, error
 
 
+def test_torch_loops_switch_the_compiled_loops_off_and_back(monkeypatch):
+    monkeypatch.setattr(native, "enabled", True)
+    h0 = torch.zeros(2, 3)
+    with native.torch_loops():
+        assert not native.usable(h0)
+        with pytest.raises(RuntimeError), native.torch_loops():
+            raise RuntimeError  # restored on the way out of an error too
+        assert not native.enabled
+    assert native.enabled and native.usable(h0)
+
+
 def test_without_a_compiler_the_engine_warns_and_runs_its_loops_through_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("RESNODE_CACHE", str(tmp_path))
