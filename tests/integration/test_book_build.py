@@ -1,10 +1,14 @@
 """The chapters are stored as they should be, and the book builds from them with warnings as errors."""
 
 import json
+import re
 import subprocess
 
 import pytest
 from conftest import CHAPTERS
+
+ROUNDING_LEVEL = re.compile(r"\d\.?\d*e-(?:1[0-9]|[2-9][0-9]|\d{3})\b")  # 1e-10 and below
+BOUND_WORDS = re.compile(r"(<|≤|below|tol|under)\s*=?\s*$")
 
 
 def test_there_is_at_least_one_chapter():
@@ -22,10 +26,18 @@ def test_chapter_is_stored_executed_and_parameterised(chapter):
     assert None not in counts and counts == sorted(counts), "run the whole notebook in order before committing"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, "a stored cell output is an error"
-    # claim cells: outputs compared by nbval ('nbval-check-output'), or, where the printed figures come from
-    # training whose last digits change with the CPU's kernels, run and asserted but not compared ('claim-output-varies')
-    claims = [c for c in code if {"nbval-check-output", "claim-output-varies"} & set(c.get("metadata", {}).get("tags", []))]
-    assert claims and all("assert" in "".join(c["source"]) for c in claims), "claim cells assert and are checked"
+    # claim cells: checked by nbval against the committed outputs on every run, on any CPU
+    tags = [set(c.get("metadata", {}).get("tags", [])) for c in code]
+    assert not any("claim-output-varies" in t for t in tags), "every claim cell is checked (nbval-check-output)"
+    claims = [c for c, t in zip(code, tags) if "nbval-check-output" in t]
+    assert claims and all("record.claim(" in "".join(c["source"]) for c in claims), "claim cells check record.claim(...)"
+    for index, claim in enumerate(claims):
+        text = "".join("".join(o.get("text", "")) for o in claim.get("outputs", []))
+        for match in ROUNDING_LEVEL.finditer(text):
+            before = text[max(0, match.start() - 12):match.start()]
+            assert BOUND_WORDS.search(before), (f"claim cell {index} prints {match.group(0)}: a rounding-level figure "
+                                                "differs on another CPU; print the bound it meets instead")
+    assert "record.publish()" in "".join(code[-1]["source"]), "the last cell publishes the run's record"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
