@@ -8,8 +8,10 @@ dataset's environment variable, then its default folder; a missing dataset raise
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +92,16 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzipped or not): magic ``0x0000TTDD`` (T type, D dimensions), sizes, then the data."""
+    """Read an IDX file (gzipped or not): magic ``0x0000TTDD`` (T type, D dimensions), sizes, then the data.
+
+    A file that cannot be read (truncated or corrupted gzip, not gzip at all) raises ``ValueError`` naming it."""
     path = Path(path)
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}. The file is truncated or corrupted: "
+                         "download or install it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file (magic bytes {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
@@ -122,6 +131,10 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, l
         raise ValueError(f"{folder / images_file}: expected uint8 images of 28x28, got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{folder}: {len(images)} images but labels of shape {labels.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{folder / images_file} holds no images")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{folder / labels_file}: Fashion-MNIST labels must lie in 0..9; found {labels.min()}..{labels.max()}")
     if limit is not None:
         limit = _checks.positive_int("limit", limit)
         images, labels = images[:limit], labels[:limit]
@@ -131,32 +144,65 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, l
 
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
+# What a CIFAR-10 python batch may ask its unpickler for: numpy arrays (its data), nothing else.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                  ("numpy._core.numeric", "_frombuffer"),
+                  ("_codecs", "encode")}  # bytes in a pickle written by Python 3 with protocol 2
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and refuses any other object: a pickle can run code when it is loaded."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python-format batch: ``(data, labels)``, data uint8 ``(n, 3072)``, labels int64 in 0..9.
+
+    The pickle is read by a restricted unpickler that builds dicts, lists, bytes, numbers and numpy arrays only;
+    anything else, a truncated or corrupted file, or missing keys raise ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            batch = _BatchUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError) as error:
+        raise ValueError(f"cannot read the CIFAR-10 batch {path}: {type(error).__name__}: {error}. "
+                         "Use the python version of CIFAR-10 (cifar-10-python.tar.gz), downloaded again") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data' and b'labels', got {keys}")
+    data, labels = np.asarray(batch[b"data"]), batch[b"labels"]
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: expected uint8 data of shape (n, 3072), got {data.dtype} {data.shape}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data) or \
+            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 9 for v in labels):
+        raise ValueError(f"{path}: expected {len(data)} integer labels in 0..9 under b'labels'")
+    return data, np.asarray(labels, dtype=np.int64)
+
 
 def cifar10(split: str = "train", root: str | os.PathLike | None = None, limit: int | None = None,
             dtype: torch.dtype = torch.float32) -> Dataset:
     """CIFAR-10 from its python-format batches: images ``(n, 3, 32, 32)`` in [0, 1], labels 0..9.
 
     Each batch is a pickle holding ``b'data'`` (uint8 rows of 3,072 = 3x32x32 values, channel-major)
-    and ``b'labels'``.
+    and ``b'labels'``; it is read safely (:func:`read_cifar_batch`).
     """
     files = _CIFAR_FILES[_checks.one_of("split", split, tuple(_CIFAR_FILES))]
     folder = find_root("cifar-10", root, files)
-    images, labels = [], []
-    for name in files:
-        with open(folder / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        data, batch_labels = np.asarray(batch[b"data"]), list(batch[b"labels"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(batch_labels) != len(data):
-            raise ValueError(f"{folder / name}: expected uint8 data of shape (n, 3072) with n labels, "
-                             f"got {data.dtype} {data.shape} and {len(batch_labels)} labels")
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.extend(batch_labels)
-    x, y = np.concatenate(images), np.asarray(labels, dtype=np.int64)
+    batches = [read_cifar_batch(folder / name) for name in files]
+    x = np.concatenate([data.reshape(-1, 3, 32, 32) for data, _ in batches])
+    y = np.concatenate([labels for _, labels in batches])
     if limit is not None:
         limit = _checks.positive_int("limit", limit)
         x, y = x[:limit], y[:limit]
-    if y.min() < 0 or y.max() > 9:
-        raise ValueError(f"{folder}: CIFAR-10 labels must lie in 0..9")
+    if len(x) == 0:
+        raise ValueError(f"{folder}: the CIFAR-10 {split} batches hold no images")
     return Dataset(torch.as_tensor(x.astype(np.float32) / 255.0, dtype=dtype), torch.as_tensor(y),
                    f"CIFAR-10 {split} ({len(x)} images)")
 

@@ -50,12 +50,29 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _compile(command: list[str], target: Path) -> None:
+    """Build ``target`` and its ``.sha256`` beside it, each moved in place whole (parallel workers may race)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # atomic: parallel workers may race
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run([*command, "-o", str(built), *LIBRARIES], check=True, capture_output=True, text=True)
+        checksum = Path(scratch) / (target.name + ".sha256")
+        checksum.write_text(_digest(built))
+        os.replace(checksum, target.with_name(target.name + ".sha256"))
         os.replace(built, target)
+
+
+def _intact(target: Path) -> bool:
+    """Whether a cached library is the one that was built: loading a truncated ``.so`` crashes the process (SIGBUS)."""
+    checksum = target.with_name(target.name + ".sha256")
+    try:
+        return target.is_file() and _digest(target) == checksum.read_text().strip()
+    except OSError:
+        return False
 
 
 @functools.cache
@@ -70,7 +87,7 @@ def kernels(dtype: torch.dtype, dim: int, width: int) -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), *command[:-1], _cpu()]).encode()).hexdigest()[:20]
     target = _cache_dir() / f"engine-{name}-q{dim}-m{width}-{key}.so"
     try:
-        if not target.exists():
+        if not _intact(target):  # absent, truncated, or from an older resnode without a checksum
             _compile(command, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:

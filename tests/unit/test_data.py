@@ -139,3 +139,76 @@ def test_embedded_images_are_25_dimensional_unit_vectors_with_one_hot_targets():
     assert "test images" in emb.name and torch.equal(data.embedded_images(images, seed=2).inputs, emb.inputs)
     with pytest.raises(ValueError, match="images"):
         data.random_conv_embedding(torch.ones(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_reads_batches_pickled_with_any_protocol(tmp_path, protocol):
+    folder = tmp_path / "c"
+    batches = write_cifar(folder)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump(batches["test_batch"], handle, protocol=protocol)
+    assert data.cifar10("test", root=folder).targets.tolist() == batches["test_batch"][b"labels"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    folder = tmp_path / "c"
+    write_cifar(folder)
+    monkeypatch.chdir(tmp_path)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"data": RunsCode(), b"labels": [0]}, handle)
+    with pytest.raises(ValueError, match="test_batch.*posix.system|test_batch.*os.system"):
+        data.cifar10("test", root=folder)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda good: good[: len(good) // 2], "cannot read the CIFAR-10 batch"),  # truncated
+    (lambda good: bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), "cannot read the CIFAR-10"),
+    (lambda good: pickle.dumps({b"pixels": np.zeros((1, 3072), np.uint8)}), r"expected a dict with b'data'"),
+    (lambda good: pickle.dumps([1, 2]), "not a CIFAR-10 batch"),
+    (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1]}), "integer labels"),
+    (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), "labels in 0..9"),
+    (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "2 integer labels"),
+    (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}), "uint8"),
+])
+def test_a_corrupted_cifar10_batch_is_refused_naming_the_file(tmp_path, content, message):
+    folder = tmp_path / "c"
+    write_cifar(folder)
+    good = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(content(good))
+    with pytest.raises(ValueError, match=message) as error:
+        data.cifar10("test", root=folder)
+    assert "test_batch" in str(error.value)
+
+
+@pytest.mark.parametrize("corrupt", ["truncate", "flip", "plain"])
+def test_a_corrupted_idx_file_is_refused_naming_the_file(fashion_dir, corrupt):
+    path = fashion_dir / "t10k-images-idx3-ubyte.gz"
+    raw = path.read_bytes()
+    if corrupt == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif corrupt == "flip":
+        middle = len(raw) // 2  # inside the compressed data (the CRC at the end catches it)
+        path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0xFF]) + raw[middle + 1:])
+    else:
+        path.write_bytes(b"this is not gzip at all")
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):
+        data.fashion_mnist("test", root=fashion_dir)
+
+
+def test_fashion_mnist_labels_outside_0_to_9_and_empty_files_are_refused(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 200, 255], dtype=np.uint8))
+    with pytest.raises(ValueError, match="labels must lie in 0..9"):
+        data.fashion_mnist("test", root=tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(0, dtype=np.uint8))
+    with pytest.raises(ValueError, match="no images"):
+        data.fashion_mnist("test", root=tmp_path)

@@ -2,6 +2,8 @@
 (4)-(5); the recorders."""
 
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -183,6 +185,25 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
         native.kernels.cache_clear()
         assert native.kernels(torch.float32, 5, 3) is not None and built.stat().st_mtime_ns == stamp
         assert native.kernels(torch.float16, 5, 3) is None  # other dtypes run through torch
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_a_truncated_cached_kernel_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    # loading a truncated .so would crash the process with SIGBUS; its checksum catches it first
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("RESNODE_CACHE", str(tmp_path))
+    # built by another process: this one must not have it mapped while it is cut short
+    build = "import torch; from resnode import native; assert native.kernels(torch.float64, 4, 2) is not None"
+    subprocess.run([sys.executable, "-c", build], check=True)
+    native.kernels.cache_clear()
+    try:
+        (built,) = tmp_path.rglob("*.so")
+        whole = built.read_bytes()
+        built.write_bytes(whole[: len(whole) // 3])
+        lib = native.kernels(torch.float64, 4, 2)
+        assert lib is not None and built.read_bytes() == whole  # compiled again, bit for bit the same library
     finally:
         native.kernels.cache_clear()
 
