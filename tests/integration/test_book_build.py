@@ -52,12 +52,29 @@ def test_papermill_lists_every_parameter(chapter):
     assert list(papermill.inspect_notebook(str(chapter))) == names
 
 
-def test_book_builds_without_warnings(root, tmp_path):
-    result = subprocess.run(["jupyter-book", "build", str(root), "-W", "--keep-going", "--path-output", str(tmp_path)],
+@pytest.fixture(scope="module")
+def built_book(root, tmp_path_factory):
+    """The book built from the stored outputs with warnings as errors; its HTML folder."""
+    out = tmp_path_factory.mktemp("book")
+    result = subprocess.run(["jupyter-book", "build", str(root), "-W", "--keep-going", "--path-output", str(out)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    html = tmp_path / "_build" / "html"
-    assert (html / "book" / "intro.html").exists()
+    return out / "_build" / "html"
+
+
+def test_book_builds_without_warnings(built_book):
+    assert (built_book / "book" / "intro.html").exists()
     for chapter in CHAPTERS:
-        page = (html / "book" / f"{chapter.stem}.html").read_text()
+        page = (built_book / "book" / f"{chapter.stem}.html").read_text()
         assert "Traceback" not in page and "<img" in page, f"{chapter.stem}: missing figures or an error shown"
+    assert (built_book / "mathjax" / "tex-chtml.js").exists(), "MathJax is served by the book (tests/setup.sh)"
+    assert "cdn.jsdelivr.net" not in (built_book / "book" / "intro.html").read_text()
+
+
+def test_every_page_renders_offline_in_a_browser(root, built_book):
+    """Headless Chromium, no network: maths typeset, images loaded, no console error, figures at >= 0.8 of their
+    pixel width at 1280 px. Screenshots go to _build/screenshots/ for a person to look at."""
+    from browser import check_pages
+
+    problems = check_pages(built_book, root / "_build" / "screenshots")
+    assert not problems, "\n".join(problems)
