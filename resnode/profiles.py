@@ -26,18 +26,20 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 def _coerce(name: str, value, kind):
-    """``value`` as the annotated type ``kind`` (``int``, ``float``, ``bool``, ``str``, ``list[T]``, ``X | None``)."""
+    """``value`` as the annotated type ``kind`` (``int``, ``float``, ``bool``, ``str``, ``list``, ``list[T]``,
+    ``X | None``). ``None`` (or the string "None") is accepted for every type: it means "the profile's value"."""
+    if value is None or (isinstance(value, str) and value.strip() == "None"):
+        return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
-            return None
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(name, value, option)
             except TypeError:
                 continue
         raise TypeError(f"parameter {name!r} must be {_describe(kind)}; got {value!r}")
-    if origin in (list, tuple):
+    if origin in (list, tuple) or kind in (list, tuple):
+        origin = origin or kind
         if isinstance(value, str):
             text = value.strip()
             try:

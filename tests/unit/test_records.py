@@ -146,6 +146,10 @@ def test_parameters_are_coerced_to_their_declared_types():
     assert profiles.parameters(namespace)["depths"] == [8, 64]
     namespace["seed"] = np.int64(4)
     assert profiles.parameters(namespace)["seed"] == 4
+    # the form papermill can read for a sweep axis: a plain `list` or `float`, None meaning the profile's value
+    plain = {"__annotations__": {"profile": str, "depths": list, "lr": float}, "profile": "smoke", "depths": "8,16",
+             "lr": "None"}
+    assert profiles.parameters(plain) == {"profile": "smoke", "depths": [8, 16], "lr": None}
 
 
 @pytest.mark.parametrize("name, value, message", [
