@@ -429,3 +429,57 @@ def project(train: Tensor, other: Tensor | None = None, dim: int = 10, radius: f
     if other is None:
         return z * factor, None
     return z * factor, ((other.reshape(len(other), -1).double() - mean) @ basis) * factor
+
+
+# --------------------------------------------------------------------------- the Corollary: localisation of the PL bounds
+
+def ball_pl_bounds(radius, *, lam0: float, n: int, lip: float, b: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Certified PL constants on the ball ``{|v|_H <= R}`` around ``v = 0`` of the Euler model (our normalisation).
+
+    For ``|v|_H <= R`` every point moves by at most ``(1/T) sum_t |Theta_t|_F <= R`` (``|phi| = 1``), so the feature
+    matrix ``Phi_t`` (``N x 2p``) moves by at most ``sqrt(N) lip R`` in Frobenius norm and, by Weyl's inequality for
+    singular values, ``lambda_min(K_{X_t}) >= (sqrt(lambda_min(K_{X_0})) - sqrt(N) lip R)_+^2``; the adjoint contracts by
+    at least ``prod_s (1 - lip |Theta_s|_F / T) >= 1 - lip R`` and expands by at most ``e^{lip R}``. With the bounds of
+    :func:`pl_check`::
+
+        m(R) = (4/N) s_min(B)^2 (sqrt(lam0) - sqrt(N) lip R)_+^2 (1 - lip R)_+^2,     M(R) = 4 s_max(B)^2 e^{2 lip R},
+
+    ``lam0 = lambda_min(K_{X_0})`` of the model's own features at the lifted inputs ``X_0 = A x``. Returns
+    ``(m, M)`` as arrays over ``radius``.
+    """
+    radius = np.asarray(radius, dtype=float)
+    if (radius < 0).any():
+        raise ValueError("radius must be >= 0")
+    n, lip = _checks.positive_int("n", n), _checks.positive_float("lip", lip)
+    lam0 = _checks.nonnegative_float("lam0", lam0)
+    sv = torch.linalg.svdvals(b.double())
+    smin, smax = sv[-1].item(), sv[0].item()
+    root = np.clip(math.sqrt(lam0) - math.sqrt(n) * lip * radius, 0, None)
+    m = 4 / n * smin**2 * root**2 * np.clip(1 - lip * radius, 0, None) ** 2
+    return m, 4 * smax**2 * np.exp(2 * lip * radius)
+
+
+def slide_pl_bounds(radius, *, n: int, kappa: float, delta: float, lam_hat, b: Tensor,
+                    sigma_min_a: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The slide's forms in our normalisation: ``m(R) = (4/N) s_min(B)^2 lambda(s_min(A) delta e^{-kappa R}) e^{-2 kappa R}``
+    and ``M(R) = 4 s_max(B)^2 e^{2 kappa R}``, with ``lam_hat`` (a callable) standing for ``lambda(.)``. When
+    ``lam_hat`` is an upper estimate of ``lambda`` (any configuration gives one), so is ``m``."""
+    radius = np.asarray(radius, dtype=float)
+    n, kappa = _checks.positive_int("n", n), _checks.positive_float("kappa", kappa)
+    delta = _checks.positive_float("delta", delta)
+    sv = torch.linalg.svdvals(b.double())
+    smin, smax = sv[-1].item(), sv[0].item()
+    shrink = np.exp(-kappa * radius)
+    lam = np.array([lam_hat(sigma_min_a * delta * s) for s in shrink.ravel()]).reshape(radius.shape)
+    return 4 / n * smin**2 * lam * shrink**2, 4 * smax**2 / shrink**2
+
+
+def localisation_cap(radius, m, M) -> tuple[float, float]:
+    """The largest initial loss that the slide's Corollary (Liu, Zhu & Belkin's condition)
+    ``F(v0) <= m(R)^2 R^2 / M(R)`` admits over the radii given, and the radius that attains it: ``(cap, R)``."""
+    radius, m, M = (np.asarray(a, dtype=float) for a in (radius, m, M))
+    if not radius.shape == m.shape == M.shape or radius.ndim != 1 or len(radius) == 0:
+        raise ValueError("radius, m and M must be 1-d arrays of the same length")
+    caps = m**2 * radius**2 / M
+    best = int(np.argmax(caps))
+    return float(caps[best]), float(radius[best])

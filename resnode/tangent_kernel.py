@@ -17,6 +17,8 @@ With ``r`` the stacked residuals and ``l = |r|^2 / n`` the loss, the left side o
 is ``(4/n^2) r^T Theta r``, so its ratio to ``l`` is at least ``(4/n) lambda_min(Theta)`` (:func:`pl_constant`),
 with equality for the worst targets. At the initialisation of Section 3 (``V = 0``, tied ``W``, ``A = (I; 0)``,
 ``B = (0, I)``) the kernel is ``((1/m) S^T S + 2 X X^T) kron I_{d'}`` (:func:`init_kernel`).
+:func:`gradient_flow` trains the whole network (``A``, every ``Z_k``, ``B``) by gradient descent on the flow (4), on
+:mod:`resnode.engine`, with batched copies; :func:`distances` gives Definition 1's distances to the start.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -190,23 +193,36 @@ def initialise(d: int, q: int, m: int, depth: int, d_out: int | None = None, *, 
     return params
 
 
-def perturb(params: dict, rho: float, *, train_io: bool = True, generator: torch.Generator | None = None) -> dict:
-    """A random point of the Definition-1 neighbourhood of radius ``rho``: each ``V_k`` and ``W_k`` moves by an
-    independent Gaussian direction of Frobenius norm ``rho / 2`` (so ``|Z_k - Z0_k|_F = |dV_k| + |dW_k| = rho``),
-    and with ``train_io`` ``A`` and ``B`` by ``rho`` each. The arguments are not modified."""
+def perturb(params: dict, rho: float, *, train_io: bool = True, coherent: bool = False,
+            generator: torch.Generator | None = None) -> dict:
+    """A random point of the Definition-1 neighbourhood of radius ``rho``: with ``train_io`` ``A`` and ``B`` move by
+    ``rho`` each, then each ``V_k`` and ``W_k`` by a Gaussian direction of Frobenius norm ``rho / 2`` (so
+    ``|Z_k - Z0_k|_F = |dV_k| + |dW_k| = rho``): independent across layers, or with ``coherent`` the same direction
+    at every layer (a tied move, which depth does not average out). ``A`` and ``B`` are drawn first, so a
+    generator in the same state gives the same moves of ``A`` and ``B`` at every depth (common random numbers
+    for a comparison across depths). The arguments are not modified."""
     rho = _checks.nonnegative_float("rho", rho)
+    if not isinstance(coherent, bool):
+        raise ValueError(f"coherent must be True or False; got {coherent!r}")
     out = {}
-    for name, w in params.items():
-        if name in ("V", "W"):
-            z = torch.randn(w.shape, generator=generator, dtype=w.dtype)
-            z *= (rho / 2) / torch.linalg.vector_norm(z.flatten(1), dim=1).reshape(-1, 1, 1)
-            out[name] = w + z
-        elif train_io:
+    for name in ("A", "B"):
+        if name not in params:
+            continue
+        w = params[name]
+        if train_io:
             z = torch.randn(w.shape, generator=generator, dtype=w.dtype)
             out[name] = w + rho * z / torch.linalg.vector_norm(z)
         else:
             out[name] = w.clone()
-    return out
+    for name in ("V", "W"):
+        w = params[name]
+        if coherent:
+            z = torch.randn(w.shape[1:], generator=generator, dtype=w.dtype).expand(w.shape)
+        else:
+            z = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+        z = z * ((rho / 2) / torch.linalg.vector_norm(z.flatten(1), dim=1).reshape(-1, 1, 1))
+        out[name] = w + z
+    return {name: out[name] for name in params}
 
 
 def sphere(n: int, d: int, radius: float, *, generator: torch.Generator | None = None,
@@ -216,3 +232,106 @@ def sphere(n: int, d: int, radius: float, *, generator: torch.Generator | None =
     radius = _checks.positive_float("radius", radius)
     z = torch.randn(n, d, generator=generator, dtype=dtype)
     return radius * z / torch.linalg.vector_norm(z, dim=1, keepdim=True)
+
+
+def _copies(params: dict) -> int:
+    """Number of copy dimensions of ``params`` (0 or 1): ``W`` is ``(L, m, q)`` or ``(L, S, m, q)``."""
+    if params["W"].dim() not in (3, 4):
+        raise ValueError(f"W must be (L, m, q) or (L, S, m, q); got shape {tuple(params['W'].shape)}")
+    return params["W"].dim() - 3
+
+
+def distances(params: dict, start: dict) -> dict[str, Tensor]:
+    """The three distances of Definition 1 between ``params`` and ``start``: ``|A - A0|_F``, ``|B - B0|_F`` and
+    ``sup_k |Z_k - Z0_k|_F`` with the paper's ``|Z|_F = |V|_F + |W|_F``; one value per copy (``(S,)`` or ``()``)."""
+    lead = _copies(params)
+    out = {}
+    for name in ("A", "B"):
+        if name in params:
+            out[name] = torch.linalg.vector_norm((params[name] - start[name]).flatten(lead), dim=-1)
+    per_layer = sum(torch.linalg.vector_norm((params[k] - start[k]).flatten(1 + lead), dim=-1) for k in ("V", "W"))
+    out["Z"] = per_layer.max(0).values
+    return out
+
+
+def gradient_flow(x: Tensor, y: Tensor, params: dict, steps: int, dt: float, *, every: int = 1,
+                  snapshots=(), activation: str = "gelu") -> tuple[dict, dict]:
+    """Gradient descent with step ``dt`` on the flow (4) with ``A`` and ``B`` trained: ``A <- A - dt d_A l``,
+    ``Z_k <- Z_k - dt L d_{Z_k} l``, ``B <- B - dt d_B l``, for ``l = (1/n) sum_i |B h_L(x_i) - y_i|^2`` of eq. (3).
+
+    ``params`` as for :func:`tangent_kernel` (``A`` or ``B`` missing: the identity, not trained), or with a copy
+    dimension ``S`` (``V`` ``(L, S, q, m)``, ``W`` ``(L, S, m, q)``, ``A`` ``(S, q, d)``, ``B`` ``(S, d', q)``, ``x``
+    ``(S, n, d)``, ``y`` ``(S, n, d')``): ``S`` independent networks in the same calls of :mod:`resnode.engine`.
+    Every ``every`` updates (and at the end) it records the loss and the :func:`distances` from the start;
+    at the iterations in ``snapshots`` it keeps a copy of the parameters. Returns the trained parameters (new
+    tensors) and the history: ``t`` ``(records,)``, ``loss`` ``(records, *S)``, ``A`` / ``Z`` / ``B`` distances
+    ``(records, *S)``, ``snapshots`` ``{t: params}``.
+    """
+    from . import engine
+
+    steps, every = _checks.positive_int("steps", steps), _checks.positive_int("every", every)
+    dt = _checks.positive_float("dt", dt)
+    _checks.one_of("activation", activation, ACTIVATIONS)
+    lead = _copies(params)
+    depth, m, q = params["W"].shape[0], params["W"].shape[-2], params["W"].shape[-1]
+    if params["V"].shape != (*params["W"].shape[:-2], q, m):
+        raise ValueError(f"V must be {(*params['W'].shape[:-2], q, m)}; got {tuple(params['V'].shape)}")
+    if x.dim() != 2 + lead or y.dim() != 2 + lead or x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"x and y must be ({'S, ' if lead else ''}n, d) and ({'S, ' if lead else ''}n, d'); "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    unknown = set(params) - {"A", "V", "W", "B"}
+    if unknown:
+        raise ValueError(f"params may only name A, V, W, B; got {sorted(unknown)}")
+    spec = engine.Residual(activation, step=1 / depth, inner=q**-0.5, outer=m**-0.5)
+    start = {k: v.detach().clone() for k, v in params.items()}
+    p = {k: v.detach().clone().contiguous() for k, v in params.items()}
+    A, B = p.get("A"), p.get("B")
+    n = x.shape[-2]
+    workspace = engine.Workspace()
+    keep = set(int(t) for t in snapshots)
+    history = {"t": [], "loss": [], "A": [], "Z": [], "B": [], "snapshots": {}}
+    for t in range(steps + 1):
+        h0 = x if A is None else x @ A.mT
+        trace = engine.forward(h0.contiguous(), p["W"], p["V"], None, spec, workspace)
+        hL = trace.states[-1]
+        residual = (hL if B is None else hL @ B.mT) - y
+        loss = residual.square().sum((-2, -1)) / n
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(f"loss became {loss} at iteration {t}; lower dt")
+        if t % every == 0 or t == steps:
+            history["t"].append(t)
+            history["loss"].append(loss.numpy().copy())
+            for name, value in distances(p, start).items():
+                history[name].append(value.numpy().copy())
+        if t in keep:
+            history["snapshots"][t] = {k: v.clone() for k, v in p.items()}
+        if t == steps:
+            break
+        grad_out = (2 / n) * (residual if B is None else residual @ B)
+        grads = {}
+        if B is not None:
+            grads["B"] = (2 / n) * residual.mT @ hL
+        g0, gW, gV, _ = engine.backward(grad_out.contiguous(), trace, p["W"], p["V"], None, spec, workspace)
+        if A is not None:
+            grads["A"] = g0.mT @ x
+        p["W"].add_(gW, alpha=-dt * depth)
+        p["V"].add_(gV, alpha=-dt * depth)
+        for name, g in grads.items():
+            p[name].sub_(dt * g)
+    history = {k: (v if k == "snapshots" else np.array(v) if v else None) for k, v in history.items()}
+    return p, history
+
+
+def stack(copies: list[dict]) -> dict:
+    """``S`` parameter sets as one with a copy dimension (``V``, ``W`` after depth; ``A``, ``B`` first), for
+    :func:`gradient_flow`."""
+    if not copies:
+        raise ValueError("stack needs at least one parameter set")
+    return {k: torch.stack([c[k] for c in copies], dim=1 if k in ("V", "W") else 0).contiguous() for k in copies[0]}
+
+
+def select(params: dict, index: int) -> dict:
+    """Copy ``index`` of parameters with a copy dimension (the inverse of :func:`stack`)."""
+    if _copies(params) != 1:
+        raise ValueError("select needs parameters with a copy dimension (W of shape (L, S, m, q))")
+    return {k: (v[:, index] if k in ("V", "W") else v[index]).contiguous() for k, v in params.items()}

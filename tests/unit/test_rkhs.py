@@ -180,3 +180,42 @@ def test_bad_arguments():
         rkhs.evaluate(torch.zeros(2, 3, 20), f, torch.zeros(4, 3), torch.zeros(3, 2), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="lr"):
         rkhs.gradient_descent(f, torch.zeros(4, 3), torch.eye(3), torch.zeros(4, 3), steps=2, iterations=1, lr=0.0)
+
+
+def test_ball_bounds_hold_everywhere_in_the_ball():
+    f, x0, b, _, _ = _problem(seed=1, scale=0.0)
+    lip = f.regularity()[1]
+    lam0 = rkhs.min_eigenvalue(f.kernel(x0))
+    n = len(x0)
+    m0, M0 = rkhs.ball_pl_bounds(0.0, lam0=lam0, n=n, lip=lip, b=b)
+    smin, smax = torch.linalg.svdvals(b)[[-1, 0]].tolist()
+    assert m0 == pytest.approx(4 / n * smin**2 * lam0) and M0 == pytest.approx(4 * smax**2)
+    edge = math.sqrt(lam0) / (math.sqrt(n) * lip)  # where the certified lambda bound reaches 0
+    gen = torch.Generator().manual_seed(5)
+    for fraction in (0.1, 0.5, 0.9):
+        R = fraction * edge
+        m, M = rkhs.ball_pl_bounds(R, lam0=lam0, n=n, lip=lip, b=b)
+        assert 0 < m < m0 and M > M0
+        for _ in range(4):  # random fields on the sphere |v|_H = R, random targets: m(R) <= |grad|^2 / F <= M(R)
+            theta = torch.randn(3, f.dim, f.width, generator=gen, dtype=torch.float64)
+            theta *= R / rkhs.h_norm(theta)
+            y = torch.randn(n, b.shape[0], generator=gen, dtype=torch.float64)
+            ev = rkhs.evaluate(theta, f, x0, b, y)
+            assert m <= ev.h_grad_norm2 / ev.loss <= M
+    assert rkhs.ball_pl_bounds(2 * edge, lam0=lam0, n=n, lip=lip, b=b)[0] == 0  # beyond: no certificate
+    with pytest.raises(ValueError, match="radius"):
+        rkhs.ball_pl_bounds(-1.0, lam0=lam0, n=n, lip=lip, b=b)
+
+
+def test_slide_bounds_and_the_localisation_cap():
+    b = torch.eye(2, 4, dtype=torch.float64)
+    radii = np.linspace(0.0, 2.0, 201)
+    m, M = rkhs.slide_pl_bounds(radii, n=5, kappa=1.5, delta=0.3, lam_hat=lambda s: s**2, b=b)
+    np.testing.assert_allclose(m, 4 / 5 * (0.3 * np.exp(-1.5 * radii)) ** 2 * np.exp(-3 * radii), rtol=1e-12)
+    np.testing.assert_allclose(M, 4 * np.exp(3 * radii), rtol=1e-12)
+    # m^2 R^2 / M = c R^2 e^{-15 R}: maximal at R = 2/15
+    cap, best = rkhs.localisation_cap(radii, m, M)
+    assert best == pytest.approx(2 / 15, abs=0.01)
+    assert cap == pytest.approx(((4 / 5 * 0.09) ** 2 / 4) * (2 / 15) ** 2 * math.exp(-2), rel=1e-3)
+    with pytest.raises(ValueError, match="same length"):
+        rkhs.localisation_cap(radii, m[:-1], M)

@@ -148,3 +148,85 @@ def test_bad_arguments_raise():
         tk.perturb(params, -1.0)
     with pytest.raises(ValueError, match="radius"):
         tk.sphere(3, 2, 0.0)
+
+
+def test_perturb_common_random_numbers_and_coherent_moves():
+    g = torch.Generator().manual_seed(7)
+    moved = {}
+    for depth in (2, 9):
+        params = tk.initialise(2, 5, 3, depth, 2, generator=torch.Generator().manual_seed(8))
+        moved[depth] = tk.perturb(params, 0.4, generator=g.manual_seed(9))
+        assert list(moved[depth]) == list(params)  # same keys, same order
+    for name in ("A", "B"):  # drawn first: the same move of A and B at every depth
+        assert torch.equal(moved[2][name], moved[9][name])
+    params = tk.initialise(2, 5, 3, 6, 2, generator=g)
+    tied = tk.perturb(params, 0.4, coherent=True, generator=g)
+    for name in ("V", "W"):
+        delta = tied[name] - params[name]
+        torch.testing.assert_close(delta, delta[:1].expand_as(delta), rtol=0, atol=0)  # one direction for all layers
+        torch.testing.assert_close(torch.linalg.vector_norm(delta.flatten(1), dim=1),
+                                   torch.full((6,), 0.2, dtype=torch.float64))
+    assert tk.distances(tied, params)["Z"].item() == pytest.approx(0.4)
+    assert tk.distances(tied, params)["A"].item() == pytest.approx(0.4)
+
+
+def autograd_step(x, y, params, dt):
+    """One explicit Euler step of the flow (4) from autograd gradients: rate 1 on A and B, L on every Z_k."""
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    grads = dict(zip(leaves, torch.autograd.grad(tk.loss(x, y, leaves), list(leaves.values()))))
+    depth = params["W"].shape[0]
+    return {k: params[k] - dt * (depth if k in ("V", "W") else 1) * grads[k] for k in params}
+
+
+@pytest.mark.parametrize("train_io", [True, False])
+def test_gradient_flow_steps_are_the_flow_4(train_io):
+    x, y, params = setup(train_io, seed=3)
+    stepped, history = tk.gradient_flow(x, y, params, 1, 0.05)
+    reference = autograd_step(x, y, params, 0.05)
+    for name in params:
+        torch.testing.assert_close(stepped[name], reference[name], rtol=1e-10, atol=1e-12)
+    assert history["loss"][0] == pytest.approx(tk.loss(x, y, params).item(), rel=1e-12)
+    assert history["loss"][1] == pytest.approx(tk.loss(x, y, stepped).item(), rel=1e-12)
+    assert history["Z"][0] == 0 and history["Z"][1] == pytest.approx(tk.distances(stepped, params)["Z"].item())
+    assert ("A" in history and history["A"] is not None) == train_io
+
+
+def test_gradient_flow_copies_are_independent_runs_and_descend():
+    g = torch.Generator().manual_seed(11)
+    runs = []
+    for _ in range(3):
+        x = tk.sphere(6, 2, 2.0, generator=g)
+        runs.append((x, 0.3 * torch.randn(6, 2, generator=g, dtype=torch.float64),
+                     tk.initialise(2, 4, 5, 3, 2, generator=g)))
+    xs, ys = torch.stack([r[0] for r in runs]), torch.stack([r[1] for r in runs])
+    together, history = tk.gradient_flow(xs, ys, tk.stack([r[2] for r in runs]), 40, 0.05, every=10, snapshots=[20])
+    assert history["t"].tolist() == [0, 10, 20, 30, 40] and history["loss"].shape == (5, 3)
+    assert sorted(history["snapshots"]) == [20]
+    for j, (x, y, params) in enumerate(runs):
+        alone, alone_history = tk.gradient_flow(x, y, params, 40, 0.05, every=10)
+        for name in params:
+            torch.testing.assert_close(tk.select(together, j)[name], alone[name], rtol=1e-10, atol=1e-12)
+        assert alone_history["loss"] == pytest.approx(history["loss"][:, j], rel=1e-10)
+        assert (torch.all(tk.select(tk.stack([p for _, _, p in runs]), j)["W"] == params["W"]))
+    assert (history["loss"][1:] < history["loss"][:-1]).all()  # small step: gradient descent decreases the loss
+    assert tk.loss(xs[0], ys[0], tk.select(together, 0)).item() == pytest.approx(history["loss"][-1, 0], rel=1e-12)
+
+
+def test_training_helpers_refuse_bad_arguments():
+    x, y, params = setup(True)
+    with pytest.raises(ValueError, match="x and y"):
+        tk.gradient_flow(x, y[:3], params, 2, 0.1)
+    with pytest.raises(ValueError, match="params may only"):
+        tk.gradient_flow(x, y, {**params, "b": params["A"]}, 2, 0.1)
+    with pytest.raises(ValueError, match="V must be"):
+        tk.gradient_flow(x, y, {**params, "V": params["V"][:, :, :2]}, 2, 0.1)
+    with pytest.raises(ValueError, match="dt"):
+        tk.gradient_flow(x, y, params, 2, 0.0)
+    with pytest.raises(ValueError, match="steps"):
+        tk.gradient_flow(x, y, params, 0, 0.1)
+    with pytest.raises(ValueError, match="copy dimension"):
+        tk.select(params, 0)
+    with pytest.raises(ValueError, match="at least one"):
+        tk.stack([])
+    with pytest.raises(ValueError, match="coherent"):
+        tk.perturb(params, 0.1, coherent="yes")
