@@ -86,22 +86,29 @@ def exponent(depths: Sequence[int], values: Sequence[float], statistic: str = "m
     return slope
 
 
-def _grid_index(depth: int, grid: int) -> Tensor:
-    """``ceil(i depth / grid)`` for ``i = 0 .. grid``: the number of layers ``k < t_i L`` with ``t_i = i / grid``."""
-    i = torch.arange(grid + 1)
-    return -((-i * depth) // grid)
+def _at_fraction(values: Tensor, numerator: Tensor, denominator: int) -> Tensor:
+    """``values`` (``(M + 1, ...)``, taken at the integers) linearly interpolated at ``numerator / denominator``: the
+    integer part and the fraction are computed exactly, so a point that falls on an integer reads that row."""
+    whole = torch.div(numerator, denominator, rounding_mode="floor")
+    fraction = ((numerator - whole * denominator).to(values.dtype) / denominator).reshape(-1, *(1,) * (values.dim() - 1))
+    padded = torch.cat([values, values[-1:]])  # the last point reads its row with fraction 0
+    return padded[whole] + fraction * (padded[whole + 1] - padded[whole])
 
 
 def rescaled_cumsum(A, beta: float, grid: int = 500) -> Tensor:
-    """Step 3: ``I^L(t_i) = L^(beta - 1) sum_{k < t_i L} A_k`` on ``t_i = i / grid``, shape ``(grid + 1, ...)``.
+    """Step 3: ``I^L(t_i) = L^(beta - 1) int_0^(t_i L) A_floor(u) du`` on ``t_i = i / grid``, shape ``(grid + 1, ...)``.
 
-    By (2.4) it tends to ``int_0^t A_bar_s ds + W^A_t`` in Scaling regime 2 (and to the integral alone in regime 1).
+    That is ``L^(beta - 1) sum_{k < t_i L} A_k`` when ``t_i L`` is an integer (``L`` a multiple of ``grid``), and the
+    cumulative sum interpolated linearly between layers otherwise: a layer that straddles ``t_i L`` counts with the
+    fraction of it below. (Counting whole layers instead would give the cells of the grid ``floor`` or ``ceil`` of
+    ``L / grid`` layers, and a smooth ``A`` a trend that alternates with the cell sizes.) By (2.4) it tends to
+    ``int_0^t A_bar_s ds + W^A_t`` in Scaling regime 2 (and to the integral alone in regime 1).
     """
     A = _stack(A)
     grid = _checks.positive_int("grid", grid)
     depth = len(A)
     sums = torch.cat([torch.zeros_like(A[:1]), torch.cumsum(A, 0)])
-    return depth ** (_checks.nonnegative_float("beta", beta) - 1) * sums[_grid_index(depth, grid)]
+    return depth ** (_checks.nonnegative_float("beta", beta) - 1) * _at_fraction(sums, torch.arange(grid + 1) * depth, grid)
 
 
 def mean_path(stacks: Mapping[int, Tensor] | Sequence[Tensor], beta: float, grid: int = 500) -> Tensor:
@@ -116,18 +123,20 @@ def mean_path(stacks: Mapping[int, Tensor] | Sequence[Tensor], beta: float, grid
 
 def trend(path: Tensor, depth: int, beta: float) -> Tensor:
     """Step 3: the trend weights of a depth-``L`` network from ``I_bar`` on ``t_i = i / G`` (``path``, ``(G + 1, ...)``):
-    ``A_bar^L_k = L^-beta G (I_bar(t_{i+1}) - I_bar(t_i))`` with ``i = floor(G k / L)``, shape ``(L, ...)``.
+    ``A_bar^L_k = L^(1 - beta) (I_bar((k + 1) / L) - I_bar(k / L))`` with ``I_bar`` interpolated linearly between the
+    grid points, shape ``(L, ...)``.
 
-    The finite difference estimates ``A_bar_{k/L}``; for ``L`` a multiple of ``G``, ``L^(beta - 1) sum_{k < t_i L}`` of
-    the trend is ``I_bar(t_i)`` exactly.
+    So ``A_bar^L_k`` is ``L^-beta`` times the mean over ``[k/L, (k+1)/L]`` of the finite difference
+    ``G (I_bar(t_{i+1}) - I_bar(t_i))``, an estimate of ``A_bar``: a layer inside one grid cell gets that cell's rate (for
+    ``L`` a multiple of ``G``, every layer), a layer across a cell boundary the mean of the two. And
+    ``L^(beta - 1) sum_{j < k} A_bar^L_j = I_bar(k / L)`` exactly, at every ``k``.
     """
     depth = _checks.positive_int("depth", depth)
     grid = len(path) - 1
     if grid < 1:
         raise ValueError("path must hold at least two grid points")
-    rate = grid * (path[1:] - path[:-1])  # derivative of I_bar on each grid interval
-    index = (torch.arange(depth) * grid) // depth
-    return depth ** -_checks.nonnegative_float("beta", beta) * rate[index]
+    at_layers = _at_fraction(path, torch.arange(depth + 1) * grid, depth)  # I_bar(k / L), k = 0..L
+    return depth ** (1 - _checks.nonnegative_float("beta", beta)) * (at_layers[1:] - at_layers[:-1])
 
 
 def noise(A, trend_weights: Tensor, beta: float) -> Tensor:

@@ -1,8 +1,8 @@
 """The diffusive regime of deep ResNets: Itô-process weights, ODE and SDE limits, strong errors, Jacobians.
 
 Cont, Rossier, Xu (2022), Sections 4-5. The network is ``h_{k+1} = h_k + delta sigma(A_k h_k + b_k)``
-(eq. 1.1, ``h_0 = x``). The seed text lost its formulas; the scalings below are reconstructed by
-order counting (see the book chapter "The SDE regime"), with
+(eq. 1.1, ``h_0 = x``). The exponent conditions and limits below are our derivation by order counting (see
+the book chapter "The SDE regime"), with
 
     delta = L^-alpha,   A_k = L^-beta Abar(k/L) + L^gamma (W^A_{(k+1)/L} - W^A_{k/L}),   same for b_k,
 
@@ -197,6 +197,18 @@ class Noise:
     def q_jacobian(self, h: Tensor) -> Tensor:
         """``dq/dh = 2 s_A^2 (1, ..., 1)^T h``: ``(..., d, d)``."""
         return 2 * self.s_A**2 * h[..., None, :].expand(*h.shape, self.dim)
+
+    def explosion_scale(self, curvature: float) -> float:
+        """``R* = 2 / (|sigma''(0)| s_A^2 sqrt(d))``: where the Itô drift ``sigma''(0)/2 q(H)`` of (4.19) alone blows up.
+
+        Along the diagonal ``H = r (1, ..., 1) / sqrt(d)`` that drift is ``sigma''(0)/2 (s_A^2 r^2 + s_b^2) sqrt(d)`` in
+        the direction of ``H``, so without the other terms ``r' >= r^2 / R*``, whose solution
+        ``r_0 / (1 - r_0 t / R*)`` blows up at ``t = R* / r_0``: before ``t = 1`` from any ``r_0 > R*``. A path of the limit
+        that reaches ``R*`` is in the region where (4.19) can explode, and the moment bound that Thm 3 assumes
+        (uniform integrability) fails. ``inf`` when ``sigma''(0) s_A = 0`` (the drift is then at most linear).
+        """
+        rate = abs(float(curvature)) * self.s_A**2 * math.sqrt(self.dim) / 2
+        return math.inf if rate == 0 else 1 / rate
 
     def diffusion(self, h: Tensor) -> Tensor:
         """``g(h)`` with ``g(h) dB = dW^A h + dW^b``: ``(..., d, channels)``."""

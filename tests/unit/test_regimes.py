@@ -113,3 +113,31 @@ def test_trend_noise_split_recovers_planted_trend_and_brownian_noise():
         assert regimes.quadratic_variation(noise) < 1e-6
     with pytest.raises(ValueError, match="mean_over"):
         regimes.decompose(stacks, beta, G, mean_over=[7])
+
+
+def test_trend_has_no_grid_aliasing_when_the_grid_does_not_divide_the_depth():
+    """With G not dividing L, the cells of the grid hold floor or ceil of L/G layers. The trend must not depend on that:
+    a constant A is its own trend at every G, and a smooth A keeps a noise share that hardly moves from G = 128 to 129
+    (counting whole layers per cell gave shares of about 0.2 here, alternating with the cell sizes)."""
+    beta = 0.2
+    for L in (322, 406, 645):
+        constant = torch.ones(L, 2, 2, dtype=torch.float64) * L**-beta
+        for G in (128, 129, 500):
+            path = regimes.rescaled_cumsum(constant, beta, G)
+            torch.testing.assert_close(path, torch.linspace(0, 1, G + 1, dtype=torch.float64)[:, None, None]
+                                       * torch.ones(2, 2, dtype=torch.float64))  # I(t) = t exactly
+            trend, noise = regimes.decompose({L: constant}, beta, G)[L]
+            torch.testing.assert_close(trend, constant)
+            assert noise.abs().max() < 1e-12
+        shares = [regimes.noise_fraction(smooth(L, beta), regimes.decompose({L: smooth(L, beta)}, beta, G)[L][0])
+                  for G in (128, 129)]
+        assert max(shares) < 0.02 and abs(shares[0] - shares[1]) < 0.01
+        # the trend integrates back to I_bar at every layer: L^(beta - 1) sum_{j<k} trend_j = I_bar(k / L)
+        G = 128
+        path = regimes.rescaled_cumsum(smooth(L, beta), beta, G)
+        trend = regimes.trend(path, L, beta)
+        sums = L ** (beta - 1) * torch.cat([torch.zeros(1, 3, 3, dtype=torch.float64), trend.cumsum(0)])
+        t = torch.arange(L + 1, dtype=torch.float64) / L * G
+        i = t.floor().long().clamp(max=G - 1)
+        expected = path[i] + (t - i)[:, None, None] * (path[i + 1] - path[i])
+        torch.testing.assert_close(sums, expected)

@@ -118,3 +118,30 @@ def test_invalid_arguments():
         sde.regime2_weights(drift, sde.Noise(2), sde.BrownianGrid.sample(4, 1, 3), 4)
     with pytest.raises(ValueError, match="shapes"):
         sde.strong_error(torch.zeros(3, 2), torch.zeros(4, 2))
+
+
+def test_explosion_scale_is_where_the_ito_drift_alone_blows_up():
+    """Along the diagonal H = r u, u = (1, 1)/sqrt(2), the drift c/2 q(H) of (4.19) with s_b = 0 is (r^2 / R*) u, so
+    r(t) = r_0 / (1 - r_0 t / R*): finite at t = 1 from r_0 < R*, infinite before t = 1 from r_0 > R*."""
+    d, c, s_A = 2, 1.0, 0.3
+    noise = sde.Noise(d, s_A, 0.0)
+    R = noise.explosion_scale(c)
+    assert R == pytest.approx(2 / (c * s_A**2 * math.sqrt(d)))
+    assert sde.Noise(d, 0.0, 0.5).explosion_scale(c) == math.inf and noise.explosion_scale(0.0) == math.inf
+    assert sde.Noise(d, s_A, 0.5).explosion_scale(-c) == R  # the curvature's sign only turns the direction
+    still = sde.SmoothDrift(torch.zeros(3, d, d, dtype=torch.float64), torch.zeros(2, d, dtype=torch.float64))
+    field = sde.LimitSDE(still, noise, c)
+    u = torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+    for r in (0.5, 3.0, 10.0):
+        torch.testing.assert_close(field.f(0.0, r * u), r**2 / R * u)
+    steps = 20000  # Euler on r' = r^2 / R*, through the SDE's drift, from r_0 = 0.9 R*: r(1) = 9 R*
+    h = 0.9 * R * u
+    for k in range(steps):
+        h = h + field.f(k / steps, h) / steps
+    assert h.norm().item() == pytest.approx(9 * R, rel=0.01)
+    h = 1.1 * R * u  # from 1.1 R*: blow-up at t = 1/1.1
+    for k in range(steps):
+        h = h + field.f(k / steps, h) / steps
+        if not torch.isfinite(h).all() or h.norm() > 1e12:
+            break
+    assert k / steps < 1 / 1.1 + 0.01
