@@ -6,10 +6,16 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 
+COLUMN = 6.6
+"""Width in inches of a figure in the book's text column: 660 pixels at ``figure.dpi``, shown at full size in the
+688-pixel column, so that 10-point text is 14 pixels on the page."""
+WIDE = 8.4
+"""Width in inches of a row of three or more panels: 840 pixels, shown at no less than 0.82 of its size."""
+
 STYLE = {
-    "figure.figsize": (6.4, 4.0),
-    "figure.dpi": 110,
-    "savefig.dpi": 150,
+    "figure.figsize": (COLUMN, 3.4),
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
@@ -27,9 +33,22 @@ def use_book_style() -> None:
     mpl.rcParams.update(STYLE)
 
 
+def figure(nrows: int = 1, ncols: int = 1, *, wide: bool | None = None, height: float | None = None, **kwargs):
+    """``plt.subplots`` at the book's sizes: :data:`COLUMN` wide (:data:`WIDE` for three panels or more in a row, or
+    ``wide=True``), ``height`` inches per row (2.9 by default, 2.5 in a wide row). Returns ``(fig, axes)``.
+
+    Every figure of the book is made here, so that none is shrunk below 0.8 of its size in the text column (its
+    labels would become unreadable); the browser test of the built book checks it."""
+    wide = ncols >= 3 if wide is None else wide
+    height = (2.5 if wide else 2.9) if height is None else height
+    kwargs.setdefault("layout", "constrained")
+    return plt.subplots(nrows, ncols, figsize=(WIDE if wide else COLUMN, height * nrows), **kwargs)
+
+
 def ran_on(fig: plt.Figure, text: str) -> None:
-    """Write what a figure ran on (dataset, profile, sizes) under it; the book never leaves that implicit."""
-    fig.text(0.01, -0.02, text, fontsize=8, color="#555555", ha="left", va="top")
+    """Write what a figure ran on (dataset, profile, sizes) under it, wrapped to the figure's width; the book never
+    leaves that implicit."""
+    fig.text(0.01, 0, text, fontsize=7.5, color="#555555", ha="left", va="top", wrap=True)
 
 
 def reference_slope(ax: plt.Axes, x, y_start: float, slope: float, label: str | None = None, **kwargs) -> None:

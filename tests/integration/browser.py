@@ -102,7 +102,9 @@ def check_pages(html: Path, screenshots: Path, narrow_page: str = "book/01_euler
                     for image in found["images"]:
                         if not image["loaded"]:
                             problems.append(f"{where}: image {image['src']} did not load")
-                        elif width == 1280 and image["figure"] and image["shown"] < MIN_SCALE * image["natural"]:
+                        if image["figure"] and (not image["alt"] or "_images/" in image["alt"] or image["alt"].endswith(".png")):
+                            problems.append(f"{where}: figure {image['src']} has no alt text (cell metadata mystnb.image.alt)")
+                        if image["loaded"] and width == 1280 and image["figure"] and image["shown"] < MIN_SCALE * image["natural"]:
                             problems.append(f"{where}: figure {image['src']} shown at "
                                             f"{image['shown'] / image['natural']:.2f} of its width")
                     for entry in browser.get_log("browser"):
