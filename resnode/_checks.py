@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 
 def positive_int(name: str, value) -> int:
-    """Return ``value`` as an int if it is an integer >= 1, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Return ``value`` as an int if it is an integer >= 1 (Python's or numpy's), else raise ``ValueError``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, float):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    value = operator.index(value)
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
 def positive_float(name: str, value) -> float:
-    """Return ``value`` as a float if it is a finite number > 0, else raise ``ValueError``."""
+    """Return ``value`` as a float if it is a finite number > 0 (not a bool), else raise ``ValueError``."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -24,7 +30,9 @@ def positive_float(name: str, value) -> float:
 
 
 def nonnegative_float(name: str, value) -> float:
-    """Return ``value`` as a float if it is a finite number >= 0, else raise ``ValueError``."""
+    """Return ``value`` as a float if it is a finite number >= 0 (not a bool), else raise ``ValueError``."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):

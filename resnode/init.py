@@ -20,6 +20,7 @@ INIT_KINDS = ("zero", "tied", "iid", "smooth", "alternating")
 
 def rbf_kernel(lag: Tensor, lengthscale: float) -> Tensor:
     """``exp(-lag^2 / (2 l^2))``, the covariance of the smooth initialisation."""
+    lengthscale = _checks.positive_float("lengthscale", lengthscale)
     return torch.exp(-0.5 * (lag / lengthscale) ** 2)
 
 
@@ -84,6 +85,8 @@ def init_weights(kind: str | Sequence[str], depth: int, shapes: Sequence[Sequenc
     weights of Sander et al.'s second counterexample, Section 3.1).
     """
     depth = _checks.positive_int("depth", depth)
+    std = _checks.positive_float("std", std)
+    lengthscale = _checks.positive_float("lengthscale", lengthscale)
     kinds = (kind,) * len(shapes) if isinstance(kind, str) else tuple(kind)
     if len(kinds) != len(shapes):
         raise ValueError(f"init must be one kind or one per weight tensor ({len(shapes)}); got {kind!r}")

@@ -156,8 +156,8 @@ def euler_bound(lipschitz: Tensor | float, curvature: Tensor | float, depth: int
     depth = _checks.positive_int("depth", depth)
     lipschitz = torch.as_tensor(lipschitz, dtype=torch.float64)
     curvature = torch.as_tensor(curvature, dtype=torch.float64)
-    if (lipschitz < 0).any() or (curvature < 0).any():
-        raise ValueError("lipschitz and curvature must be non-negative")
+    if not (lipschitz >= 0).all() or not (curvature >= 0).all() or not torch.isfinite(lipschitz).all():
+        raise ValueError("lipschitz and curvature must be non-negative numbers, and lipschitz finite (NaN is neither)")
     growth = torch.where(lipschitz > 0, torch.expm1(lipschitz) / torch.where(lipschitz > 0, lipschitz, 1.0), 1.0)
     return growth * curvature / (2 * depth)
 

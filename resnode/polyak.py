@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .train import check_divergence
 
 
 def descend(loss: Callable[[Tensor], Tensor], theta0: Tensor, step: float, iterations: int) -> tuple[Tensor, Tensor]:
@@ -31,10 +32,11 @@ def descend(loss: Callable[[Tensor], Tensor], theta0: Tensor, step: float, itera
     iterations = _checks.positive_int("iterations", iterations)
     theta = theta0.detach().clone()
     thetas, losses = [theta.clone()], []
-    for _ in range(iterations):
+    for k in range(iterations):
         theta.requires_grad_(True)
         value = loss(theta)
         (grad,) = torch.autograd.grad(value, theta)
+        check_divergence(value.item(), losses[0].item() if losses else value.item(), k, "the step")
         losses.append(value.detach())
         theta = (theta - step * grad).detach()
         thetas.append(theta.clone())
@@ -63,6 +65,8 @@ def pl_ratios(loss: Callable[[Tensor], Tensor], thetas: Tensor) -> Tensor:
 def polyak_bound(f0: float, m: float, beta: float, iterations: int) -> Tensor:
     """Polyak's bound ``f0 (1 - m / (2 beta))^k`` for ``k = 0 .. iterations`` (step ``1/beta``)."""
     m, beta = _checks.positive_float("m", m), _checks.positive_float("beta", beta)
+    f0 = _checks.nonnegative_float("f0", f0)
+    iterations = _checks.positive_int("iterations", iterations)
     if m > 2 * beta:
         raise ValueError(f"m must be at most 2 beta for a beta-smooth loss, got m={m}, beta={beta}")
     return f0 * (1 - m / (2 * beta)) ** torch.arange(iterations + 1, dtype=torch.float64)
@@ -103,8 +107,10 @@ def complex_descent(z0: Tensor, step: float, iterations: int, target: complex = 
     step = _checks.positive_float("step", step)
     iterations = _checks.positive_int("iterations", iterations)
     zs = [z0.clone()]
-    for _ in range(iterations):
+    first = (torch.exp(z0) - target).abs().square().max().item()
+    for k in range(iterations):
         zs.append(zs[-1] - step * complex_exp_gradient(zs[-1], target))
+        check_divergence((torch.exp(zs[-1]) - target).abs().square().max().item(), first, k + 1, "the step")
     return torch.stack(zs)
 
 

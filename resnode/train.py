@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -10,6 +11,26 @@ from tqdm import tqdm
 from . import _checks
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+DIVERGENCE_FACTOR = 1e6
+"""A loss this many times its first value means the iteration diverges (gradient steps on these losses never
+legitimately raise them so far)."""
+
+
+class DivergenceError(FloatingPointError):
+    """The loss became NaN or infinite, or grew far beyond its first value: the step size is too large."""
+
+
+def check_divergence(value: float, first: float, step: int, knob: str) -> None:
+    """Raise :class:`DivergenceError` naming ``knob`` (the step size to lower) if the loss ``value`` at iteration
+    ``step`` is not finite or exceeds ``DIVERGENCE_FACTOR`` times the first loss ``first``. A first loss of 0 gives no
+    scale (training along a ``continuation`` starts at its target: the loss is 0, then grows as the target moves), so
+    then only a non-finite loss counts."""
+    if not math.isfinite(value):
+        raise DivergenceError(f"the loss became {value} at iteration {step}: lower {knob}")
+    if first != 0 and value > DIVERGENCE_FACTOR * abs(first):
+        raise DivergenceError(f"the loss grew from {first:.3g} to {value:.3g} by iteration {step} "
+                              f"(more than {DIVERGENCE_FACTOR:.0e} times): the iteration diverges; lower {knob}")
 
 
 def fit(parameters: Iterable[torch.nn.Parameter], loss: Callable[[int], torch.Tensor], steps: int, lr: float,
@@ -22,16 +43,17 @@ def fit(parameters: Iterable[torch.nn.Parameter], loss: Callable[[int], torch.Te
     lr = _checks.positive_float("lr", lr)
     record_every = _checks.positive_int("record_every", record_every)
     opt = OPTIMIZERS[_checks.one_of("optimizer", optimizer, tuple(OPTIMIZERS))](list(parameters), lr=lr)
-    history = []
+    history, first = [], None
     for step in tqdm(range(steps), disable=not progress, desc="training"):
         opt.zero_grad()
         value = loss(step)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"loss became {value.item()} at step {step}; lower the learning rate")
+        current = value.item()
+        first = current if first is None else first
+        check_divergence(current, first, step, "the learning rate lr")
         value.backward()
         opt.step()
         if step % record_every == 0:
-            history.append(value.item())
+            history.append(current)
     return history
 
 
