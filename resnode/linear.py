@@ -90,6 +90,8 @@ class FlowRecord:
     loss: list[float] = field(default_factory=list)
     max_increment: list[float] = field(default_factory=list)  # N max_n ||theta_{n+1} - theta_n|| (Prop. 2)
     max_norm: list[float] = field(default_factory=list)  # max_n ||theta_n||, spectral norm
+    max_moved: list[float] = field(default_factory=list)  # max_n ||theta_n(t) - theta_n(0)||: how far training moved them
+    moved_increment: list[float] = field(default_factory=list)  # N max_n ||d_{n+1} - d_n||, d_n = theta_n(t) - theta_n(0)
     pl_low: list[float] = field(default_factory=list)  # min_n N^2 ||grad_n||^2 / (m l)
     pl_high: list[float] = field(default_factory=list)  # max_n N^2 ||grad_n||^2 / (M l)
     snapshots: list[Tensor] = field(default_factory=list)  # theta at the snapshot times
@@ -107,7 +109,9 @@ def gradient_flow(thetas: Tensor, target: Tensor, covariance: Tensor, time: floa
 
     Gradient descent with learning rate ``N dt`` for ``round(time / dt)`` steps. Every
     ``record_every`` steps (and at the end) the statistics of ``FlowRecord`` are kept; ``theta`` is
-    also kept at the steps nearest to ``snapshot_times``.
+    also kept at the steps nearest to ``snapshot_times``. Besides the weights' increments across depth
+    (Prop. 2's ``||theta_{n+1} - theta_n|| <= C/N``), the record keeps those of the change ``theta(t) - theta(0)``
+    that training made, which start at 0: Prop. 2 and Lemma 2 say it is smooth in depth too.
     """
     _check_weights(thetas)
     time, dt = _checks.positive_float("time", time), _checks.positive_float("dt", dt)
@@ -117,6 +121,7 @@ def gradient_flow(thetas: Tensor, target: Tensor, covariance: Tensor, time: floa
     m, M = eigenvalues.min().item(), eigenvalues.max().item()
     snapshot_steps = {round(t / dt) for t in (snapshot_times or [])}
     record, theta = FlowRecord(), thetas.clone()
+    spectral = lambda a: torch.linalg.matrix_norm(a, ord=2)
     for step in range(steps + 1):
         loss, gradient = loss_and_gradient(theta, target, covariance)
         if not torch.isfinite(loss):
@@ -127,7 +132,10 @@ def gradient_flow(thetas: Tensor, target: Tensor, covariance: Tensor, time: floa
             record.loss.append(loss.item())
             record.max_increment.append(depth * torch.linalg.matrix_norm(theta.diff(dim=0), ord=2).max().item()
                                         if depth > 1 else 0.0)
-            record.max_norm.append(torch.linalg.matrix_norm(theta, ord=2).max().item())
+            record.max_norm.append(spectral(theta).max().item())
+            moved = theta - thetas
+            record.max_moved.append(spectral(moved).max().item())
+            record.moved_increment.append(depth * spectral(moved.diff(dim=0)).max().item() if depth > 1 else 0.0)
             record.pl_low.append((scaled.min() / (m * loss)).item() if loss > 0 else math.inf)
             record.pl_high.append((scaled.max() / (M * loss)).item() if loss > 0 else 0.0)
         if step in snapshot_steps:

@@ -1,4 +1,4 @@
-"""Diagnostics shared by the chapters: fitted rates of convergence."""
+"""Diagnostics shared by the chapters: fitted rates of convergence, the order of 1-D maps."""
 
 from __future__ import annotations
 
@@ -43,15 +43,21 @@ def uniform_exponential_rate(t, values) -> float:
     return float(np.min(-np.log(values[1:] / values[0]) / t[1:]))
 
 
-def crossings(paths) -> int:
-    """Number of times two 1-D trajectories swap order from one layer to the next (Sander et al. Fig. 1).
+def reversed_pairs(x, y):
+    """Fraction of the pairs of points whose order ``y`` strictly reverses: ``#{i < j : (x_i - x_j)(y_i - y_j) < 0}``
+    over the ``n (n - 1) / 2`` pairs of the ``n`` points.
 
-    ``paths`` is ``(layers + 1, points)``. The flow of a 1-D ODE never lets trajectories meet, so
-    for it this is 0; a ResNet layer ``h + a f(h)`` with ``a Lip(f) < 1`` is increasing, so 0 too.
+    ``x`` and ``y`` are ``(..., points)`` (leading dimensions broadcast: copies, layers); returns an array of the
+    leading shape, or a float for 1-D input. It measures the *final order* of a 1-D map (Sander et al. Fig. 1):
+    0 for an increasing map, 1 for a strictly decreasing one of distinct points, and 0 for a map that merges
+    points (a tie, in ``x`` or in ``y``, is not a reversal), so a network that collapsed its inputs to one value
+    is not mistaken for one that reversed them. Without ties, Kendall's tau of ``y`` against ``x`` is
+    ``1 - 2 * reversed_pairs(x, y)``. Between consecutive layers (``x = paths[:-1]``, ``y = paths[1:]``) it is
+    0 for the flow of a 1-D ODE and for a ResNet layer ``h + a f(h)`` with ``a Lip(f) < 1``, which are increasing.
     """
-    paths = np.asarray(paths, dtype=float)
-    if paths.ndim != 2:
-        raise ValueError(f"paths must be (layers + 1, points); got shape {paths.shape}")
-    order = np.sign(paths[:, :, None] - paths[:, None, :])  # (layers + 1, points, points)
-    upper = np.triu(np.ones(paths.shape[1], dtype=bool), k=1)
-    return int((order[1:] != order[:-1])[:, upper].sum())
+    x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+    if x.ndim == 0 or x.shape[-1] < 2:
+        raise ValueError(f"x and y need a last dimension of at least 2 points; got shape {x.shape}")
+    i, j = np.triu_indices(x.shape[-1], k=1)
+    fraction = ((x[..., i] - x[..., j]) * (y[..., i] - y[..., j]) < 0).mean(-1)
+    return float(fraction) if fraction.ndim == 0 else fraction

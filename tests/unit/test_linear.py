@@ -79,6 +79,23 @@ def test_gradient_flow_decays_at_the_pl_rate_and_keeps_smoothness():
         r = record.as_tensors()
         assert (r["loss"] <= torch.exp(-4 / math.e * check["m"] * r["times"]) * r["loss"][0] * (1 + 1e-6)).all()
         assert r["max_norm"].max() < 0.5 and r["max_increment"].max() < 1.0
+        assert r["max_moved"][0] == 0 and r["moved_increment"][0] == 0  # the change made by training starts at 0
+
+
+def test_gradient_flow_records_the_change_made_by_training():
+    # One step from theta(0): theta(dt) - theta(0) = -dt N grad(0), so the recorded change is the gradient's.
+    covariance, _, g = problem()
+    thetas = 0.1 * torch.randn(8, 3, 3, generator=g, dtype=torch.float64)
+    target = torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    theta, record = linear.gradient_flow(thetas, target, covariance, time=0.01, dt=0.01)
+    _, gradient = linear.loss_and_gradient(thetas, target, covariance)
+    change = -0.01 * 8 * gradient
+    torch.testing.assert_close(theta - thetas, change)
+    spectral = torch.linalg.matrix_norm(change, ord=2)
+    assert record.max_moved == [0.0, pytest.approx(spectral.max().item())]
+    assert record.moved_increment[1] == pytest.approx(8 * torch.linalg.matrix_norm(change.diff(dim=0), ord=2).max().item())
+    # and the weights' own increments are those of theta(dt), not of the change
+    assert record.max_increment[1] == pytest.approx(8 * torch.linalg.matrix_norm(theta.diff(dim=0), ord=2).max().item())
 
 
 def test_depth_function_and_bad_arguments():

@@ -62,13 +62,35 @@ def test_continuation_moves_the_target_linearly_then_stops():
         train.continuation(start, end[:2], ramp_steps=3)
 
 
-def test_crossings_counts_order_swaps():
+def test_training_along_a_continuation_from_a_zero_loss_is_not_divergence():
+    # The first loss of a continuation from the network's own output is exactly 0; a later loss of order one is
+    # the target moving, not the iteration diverging.
+    start = torch.linspace(0.0, 1.0, 5)[:, None]
+    w = torch.nn.Parameter(torch.ones(1, 1))
+    goal = train.continuation(start, -start, ramp_steps=20)
+    history = train.fit([w], lambda step: (start @ w - goal(step)).pow(2).mean(), steps=40, lr=0.05)
+    assert history[0] == 0 and max(history) > 1e-3 and history[-1] < max(history)
+
+
+def test_reversed_pairs_measures_the_final_order_and_does_not_count_merging():
     x = np.linspace(0.0, 1.0, 5)
-    assert metrics.crossings(np.stack([x, 2 * x, x + 1])) == 0  # increasing maps keep the order
-    assert metrics.crossings(np.stack([x, -x])) == 10  # a reversal swaps all 5 * 4 / 2 pairs once
-    assert metrics.crossings(np.stack([x, -x, x])) == 20  # and back
-    with pytest.raises(ValueError, match="paths"):
-        metrics.crossings(x)
+    assert metrics.reversed_pairs(x, 2 * x + 1) == 0.0  # increasing maps keep every pair's order
+    assert metrics.reversed_pairs(x, -(x**2)) == 1.0  # decreasing maps reverse all 5 * 4 / 2 pairs
+    assert metrics.reversed_pairs(x, np.full(5, 0.3)) == 0.0  # a collapse is not a reversal
+    y = np.array([0.0, 2.0, 1.0, 3.0, 4.0])  # one swapped pair (1, 2) of 10
+    assert metrics.reversed_pairs(x, y) == pytest.approx(0.1)
+    # Kendall's tau without ties: tau = 1 - 2 * fraction (scipy's definition).
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=30), rng.normal(size=30)
+    concordant = sum(np.sign((u[i] - u[j]) * (v[i] - v[j])) for i in range(30) for j in range(i + 1, 30))
+    assert 1 - 2 * metrics.reversed_pairs(u, v) == pytest.approx(concordant / (30 * 29 / 2))
+    # Ties in x or y are not reversals (merged trajectories); leading dimensions broadcast (layers, copies).
+    assert metrics.reversed_pairs([0.0, 0.0, 1.0], [1.0, 0.0, 0.0]) == pytest.approx(1 / 3)
+    assert metrics.reversed_pairs(np.zeros(4), -x[:4]) == 0.0
+    paths = np.stack([np.stack([x, -x]), np.stack([x, x**3])])  # (2 layers, 2 copies, 5 points)
+    np.testing.assert_array_equal(metrics.reversed_pairs(x, paths), [[0.0, 1.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="2 points"):
+        metrics.reversed_pairs([1.0], [2.0])
 
 
 def test_exponential_rate_recovers_a_linear_convergence_rate_and_flags_a_power_law():
