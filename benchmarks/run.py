@@ -12,6 +12,13 @@ Sections (all by default; ``--only`` picks some):
 - ``adjoint``: one forward + backward of a depth-1000 Euler ResNet (tanh perceptron, 256 inputs): exact
   backprop, ``resnode.adjoint``, ``torch.utils.checkpoint``, torchdiffeq's ``odeint_adjoint``; time and the
   bytes autograd keeps for the backward.
+- ``images``: training throughput (images/s through ``resnode.images.fit``) of Marion et al.'s CIFAR network and of a
+  narrow ResNet-101 layout, eager float32 against the fast path (channels_last, bf16 autocast, and ``torch.compile``
+  with ``--compile``), and the memory a training step keeps with the adjoint in stage 3 against backprop
+  (``images.step_memory``: the CUDA allocator's peak on a GPU, the tensors autograd saves on the CPU).
+- ``sweep``: the cost ``resnode.sweep`` adds to each point (a kernel started, resnode imported, the record written
+  and read back), from a chapter-shaped notebook that computes nothing: one point alone, and the wall time per
+  point of a grid on a local pool of 2 workers, against ``python -c "import resnode"`` in a fresh interpreter.
 - ``book``: wall time of every chapter executed with its ``book`` profile (papermill), their sum, and with
   ``--workers N`` the wall time of the whole book run N chapters at a time (as the test command does).
 
@@ -44,7 +51,7 @@ import resnode
 from resnode import adjoint, engine, flow, init, metrics, models, native, recorders
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("engine", "adjoint", "book")
+SECTIONS = ("engine", "adjoint", "images", "sweep", "book")
 
 
 def machine() -> str:
@@ -215,12 +222,100 @@ def adjoint_section(smoke: bool) -> list[dict]:
                    memory_over_backprop=memory[name] / memory["backprop"]) for name in runners]
 
 
+# --- images -------------------------------------------------------------------------------------------
+
+def images_section(smoke: bool, compile_too: bool = False) -> list[dict]:
+    """Images/s of a training epoch (``images.fit`` on random CIFAR-shaped images) in float32 eager against the fast
+    path, and the memory of one training step with the adjoint in stage 3 against backprop, at two stage depths."""
+    from resnode import data, images
+
+    device = images.resolve_device("auto")
+    n, depth, widths, stage3 = (64, 2, (2, 4, 8, 16), (2, 4)) if smoke else (512, 32, (16, 32, 64, 128), (8, 32))
+    g = torch.Generator().manual_seed(0)
+    train = data.Dataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random CIFAR-shaped")
+    test = data.Dataset(train.inputs[:64], train.targets[:64], "random CIFAR-shaped (64)")
+    networks = {
+        ("marion", f"Marion et al. net, L={depth}, GELU"): lambda: images.marion_resnet(depth, "gelu", "tied"),
+        ("resnet101", f"ResNet-101 layout (3, 4, 23, 3), widths {widths}"): lambda: images.sander_resnet(images.RESNET101, widths),
+    }
+    variants = {"eager float32": dict(channels_last=False, bf16=False, compile=False),
+                "channels_last": dict(channels_last=True, bf16=False, compile=False),
+                "channels_last + bf16 autocast": dict(channels_last=True, bf16=True, compile=False)}
+    if compile_too:
+        variants["channels_last + bf16 + torch.compile"] = dict(channels_last=True, bf16=True, compile=True)
+    out = []
+    for (short, label), make in networks.items():
+        rates = {}
+        for variant, options in variants.items():
+            torch.manual_seed(0)  # two epochs, the second timed: the first pays for the kernels' set-up (and the compilation)
+            history = images.fit(make(), train, test, 2, batch_size=64, device=device, **options)
+            rates[variant] = history["images_per_second"][-1]
+        for variant, rate in rates.items():
+            out.append(record("images", f"{short}: {variant}", f"{label}, batch 64, second epoch of {n} images, {device.type}",
+                              n / rate, "eager float32", n / rates["eager float32"], images_per_second=rate,
+                              device=device.type))
+    x, y = train.inputs[:64].to(device), train.targets[:64].to(device)
+    memory, times = {}, {}
+    for blocks in stage3:
+        for mode in ("backprop", "adjoint"):
+            torch.manual_seed(0)
+            net = images.sander_resnet((3, 4, blocks, 3), widths, adjoint_stages=(3,) if mode == "adjoint" else ()).to(device)
+            memory[blocks, mode] = images.step_memory(net, x, y)
+            step = lambda: torch.nn.functional.cross_entropy(net(x), y).backward()
+            times[blocks, mode] = median_time(step, 1 if smoke else 3)
+    for (blocks, mode), m in memory.items():
+        base = memory[blocks, "backprop"]["bytes"]
+        out.append(record("images", f"step memory, {mode}", f"ResNet (3, 4, {blocks}, 3), widths {widths}, stage 3 by {mode}, "
+                          f"batch 64 of 32x32, {device.type}", times[blocks, mode], "backprop", times[blocks, "backprop"],
+                          step_bytes=m["bytes"], memory_measure=m["measure"], memory_over_backprop=m["bytes"] / base,
+                          stage3_blocks=blocks, time_over_backprop=times[blocks, mode] / times[blocks, "backprop"],
+                          device=device.type))
+    return out
+
+
 # --- book ---------------------------------------------------------------------------------------------
 
 def _previous_times() -> dict[str, float]:
     path = Path(__file__).with_name("results.json")
     records = json.loads(path.read_text()) if path.exists() else []
     return {r["name"]: r["time_s"] for r in records if r.get("section") == "book" and r.get("time_s")}
+
+
+def sweep_section(smoke: bool) -> list[dict]:
+    """Per-point overhead of ``resnode.sweep`` on a notebook that only declares its parameters, imports resnode,
+    makes its record and publishes it: one point alone, then a grid of points on 2 workers (wall time per point)."""
+    import nbformat
+
+    from resnode import sweep
+
+    cells = ['profile: str = "smoke"  # profile\nseed: int = 0  # seed',
+             "from resnode import profiles, records\nparams = profiles.parameters(globals())\n"
+             "record = records.Record('99_empty', profiles.settings(params, smoke={}, book={}, paper={}))",
+             "record.publish();"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    notebook.cells[0].metadata["tags"] = ["parameters"]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    count = 2 if smoke else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "99_empty.ipynb"
+        nbformat.write(notebook, str(path))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import resnode"], check=True)
+        import_time = time.perf_counter() - start
+        single = []
+        for seed in range(1 if smoke else 3):
+            start = time.perf_counter()
+            sweep.run(path, [{"seed": seed}], Path(tmp) / f"one{seed}", workers=1, progress=False)
+            single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        results = sweep.run(path, sweep.grid(seed=range(count)), Path(tmp) / "grid", workers=2, progress=False)
+        grid_time = time.perf_counter() - start
+        assert all(r["status"] == "done" for r in results), [r.get("error") for r in results]
+    one = statistics.median(single)
+    return [record("sweep", "one point, alone", "empty chapter-shaped notebook, papermill, median of runs", one,
+                   "python -c 'import resnode'", import_time),
+            record("sweep", f"grid of {count} points, 2 workers", "the same notebook; wall time per point",
+                   grid_time / count, "one point, alone", one)]
 
 
 def book_section(smoke: bool, workers: int = 1) -> list[dict]:
@@ -259,7 +354,7 @@ def table(records: list[dict]) -> str:
     lines = [f"{'section':8s} {'name':46s} {'time (s)':>9s} {'speed-up':>9s}  notes"]
     for r in records:
         notes = {k: r[k] for k in ("max_relative_difference", "fitted_exponent", "peak_bytes_over_idle",
-                                   "time_over_backprop", "memory_over_backprop") if k in r}
+                                   "time_over_backprop", "memory_over_backprop", "images_per_second") if k in r}
         t = "" if r["time_s"] is None else f"{r['time_s']:9.3f}"
         s = "" if r["speedup_over_baseline"] is None else f"{r['speedup_over_baseline']:9.2f}"
         label = r["name"] + ("" if "depth" not in r else f" (L={r['depth']})")
@@ -277,10 +372,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="chapters executed at once in the book section "
                                                                "(each in its own kernel; default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the per-layer calls are too small to share)")
+    parser.add_argument("--compile", action="store_true", help="images section: also time torch.compile (minutes of compilation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = {"engine": engine_section, "adjoint": adjoint_section,
-                "book": lambda smoke: book_section(smoke, args.workers)}
+                "images": lambda smoke: images_section(smoke, args.compile),
+                "sweep": sweep_section, "book": lambda smoke: book_section(smoke, args.workers)}
     records = []
     for name in args.only:
         print(f"[{name}]", flush=True)

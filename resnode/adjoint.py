@@ -7,7 +7,7 @@ rebuilt input. Memory is constant in depth; the gradients are approximate, with 
 with depth at the orders of Props 4 and 6. ``mode="backprop"`` runs the same network with exact
 autograd, as the reference.
 
-Blocks are any ``nn.Module``s (fully connected layers, conv blocks with batch norm, the same module
+Blocks are any ``nn.Module`` objects (fully connected layers, conv blocks with batch norm, the same module
 repeated for weight tying). Batch norm keeps its training-mode semantics: the backward pass uses
 batch statistics of the rebuilt inputs and does not update the running statistics a second time.
 """
@@ -201,7 +201,7 @@ def torchdiffeq_adjoint(x: Tensor, blocks: Sequence[nn.Module]) -> Tensor:
     from torchdiffeq import odeint_adjoint
 
     field = _DepthField(blocks)
-    times = torch.tensor([0.0, 1.0], dtype=x.dtype)
+    times = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
     return odeint_adjoint(field, x, times, method="euler", options={"step_size": 1.0 / len(blocks)},
                           adjoint_params=tuple(field.parameters()))[-1]
 
@@ -216,7 +216,7 @@ def reconstruction_error(x: Tensor, blocks: Sequence[nn.Module], step: float | N
         states = [x]
         for n in range(steps):
             states.append(forward_step(method, blocks, n, states[-1], step))
-        rebuilt, worst = states[-1], torch.zeros(len(x), dtype=x.dtype)
+        rebuilt, worst = states[-1], torch.zeros(len(x), dtype=x.dtype, device=x.device)
         for n in reversed(range(steps)):
             rebuilt = inverse_step(method, blocks, n, rebuilt, step)
             worst = torch.maximum(worst, (rebuilt - states[n]).flatten(1).norm(dim=1))

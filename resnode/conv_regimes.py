@@ -119,6 +119,15 @@ def layer_norms(kernels: Sequence[Tensor], sizes: Sequence[int]) -> np.ndarray:
     return np.array([conv_spectral_norm(k, n) for k, n in zip(kernels, sizes)])
 
 
+def increment_norms(kernels: Sequence[Tensor], sizes: Sequence[int]) -> np.ndarray:
+    """``s_max(K_{k+1} - K_k)`` for ``k = 0..L-2``, at the common input size; ``nan`` where two consecutive kernels
+    differ in shape or input size (a stage transition), so that they are never compared."""
+    if len(kernels) != len(sizes):
+        raise ValueError(f"kernels and sizes need the same length; got {len(kernels)} and {len(sizes)}")
+    return np.array([conv_spectral_norm(b - a, n) if a.shape == b.shape and n == m else float("nan")
+                     for a, b, n, m in zip(kernels, kernels[1:], sizes, sizes[1:])])
+
+
 def scaling_statistics(kernels: Sequence[Tensor], sizes: Sequence[int], beta: float = 0.0) -> dict[str, float]:
     """The paper's norms (Table 2.2, spectral version of Section 3.3) of one network's kernels ``K_0..K_{L-1}``:
 
@@ -126,11 +135,38 @@ def scaling_statistics(kernels: Sequence[Tensor], sizes: Sequence[int], beta: fl
     ``increment = L^beta max_k s_max(K_{k+1} - K_k)`` over consecutive kernels of the same shape and size.
     """
     norms = layer_norms(kernels, sizes)
-    beta = float(beta)
-    increments = [conv_spectral_norm(b - a, n) for a, b, n, m in zip(kernels, kernels[1:], sizes, sizes[1:])
-                  if a.shape == b.shape and n == m]
-    return {"maximum": float(norms.max()), "root_ssq": float(np.sqrt((norms**2).sum())),
-            "increment": len(kernels) ** beta * max(increments) if increments else float("nan")}
+    increments = increment_norms(kernels, sizes)
+    return subset_statistics(norms, increments, range(len(norms)), beta=beta, depth=len(norms))
+
+
+def stage_starts(blocks: Sequence[int]) -> list[int]:
+    """Index of the first block of each stage, for ``blocks`` per stage: block 0 (it follows the stem) and each
+    block that changes the resolution and the channels. Their number does not grow with depth: they are the
+    architecture's own blocks, the others the repeated blocks that depth adds."""
+    blocks = tuple(_checks.positive_int("blocks", b) for b in blocks)
+    return [int(s) for s in np.cumsum((0,) + blocks[:-1])]
+
+
+def subset_statistics(norms: Sequence[float], increments: Sequence[float], keep, beta: float = 0.0,
+                      depth: int | None = None) -> dict[str, float]:
+    """The statistics of :func:`scaling_statistics` restricted to the blocks ``keep`` (indices into ``norms``).
+
+    ``norms``: the per-layer norms ``s_max(K_k)``; ``increments``: :func:`increment_norms` (length ``len(norms) - 1``);
+    an increment ``k -> k + 1`` counts only when both blocks are kept. Returns ``maximum``, ``median``, ``root_ssq``,
+    ``increment`` (``depth^beta`` times the largest counted increment, ``depth`` defaulting to ``len(norms)``; ``nan``
+    when none counts) and ``count`` (the number of kept blocks).
+    """
+    norms, increments = np.asarray(norms, dtype=float), np.asarray(increments, dtype=float)
+    if len(increments) != max(len(norms) - 1, 0):
+        raise ValueError(f"increments need length len(norms) - 1 = {len(norms) - 1}; got {len(increments)}")
+    keep = sorted({int(k) for k in keep})
+    if not keep or keep[0] < 0 or keep[-1] >= len(norms):
+        raise ValueError(f"keep must hold indices in 0..{len(norms) - 1}; got {keep}")
+    kept = norms[keep]
+    pairs = [increments[k] for k in keep if k + 1 in keep and math.isfinite(increments[k])]
+    depth = len(norms) if depth is None else depth
+    return {"maximum": float(kept.max()), "median": float(np.median(kept)), "root_ssq": float(np.sqrt((kept**2).sum())),
+            "increment": depth ** float(beta) * max(pairs) if pairs else float("nan"), "count": len(keep)}
 
 
 class RegimeBlock(nn.Module):
@@ -219,12 +255,22 @@ def split_depth(depth: int, stages: int, outer: int = 0) -> tuple[int, ...]:
     return tuple(depth // stages + (s >= stages - depth % stages) for s in range(stages))
 
 
-def network_statistics(model: RegimeResNet, image_size: int, beta: float = 0.0) -> dict[str, dict]:
-    """Per-layer norms and :func:`scaling_statistics` of the ``A`` and ``delta`` kernels of one network."""
+def network_statistics(model: RegimeResNet, image_size: int, beta: float = 0.0,
+                       reference: RegimeResNet | dict | None = None) -> dict[str, dict]:
+    """Per-layer norms (``layers``), consecutive increments (``increments``, :func:`increment_norms`) and
+    :func:`scaling_statistics` of the ``A`` and ``delta`` kernels of one network.
+
+    With ``reference`` (a network of the same shape, or ``{"A": kernels, "delta": kernels}``), the kernels measured
+    are ``K_k - K_k^ref``: with the initial network as reference, what training added.
+    """
     out = {}
     for which in ("A", "delta"):
         kernels, sizes = model.kernels(which), model.input_sizes(which, image_size)
-        out[which] = {"layers": layer_norms(kernels, sizes).tolist(), **scaling_statistics(kernels, sizes, beta)}
+        if reference is not None:
+            base = reference.kernels(which) if isinstance(reference, RegimeResNet) else reference[which]
+            kernels = [k - b.to(k.device) for k, b in zip(kernels, base, strict=True)]
+        out[which] = {"layers": layer_norms(kernels, sizes).tolist(),
+                      "increments": increment_norms(kernels, sizes).tolist(), **scaling_statistics(kernels, sizes, beta)}
     return out
 
 
@@ -254,15 +300,18 @@ def image_data(dataset: str, train_limit: int | None = None, seed: int = 0) -> t
 def run_depth(blocks: Sequence[int], channels: Sequence[int], train: Dataset, test: Dataset, epochs: int,
               seed: int = 0, device: str = "cpu", checkpoint: str | Path | None = None, **training) -> dict:
     """Build a :class:`RegimeResNet` (seeded), train it with ``vision.train_classifier`` (cosine schedule by
-    default, as in App. A) and measure its kernels
-    before and after: ``{"model", "history", "init", "trained"}`` (the last two from :func:`network_statistics`)."""
+    default, as in App. A) and measure its kernels before and after: ``{"model", "history", "init", "trained",
+    "update"}``, the last three from :func:`network_statistics` (``update``: of the trained minus the initial kernels)."""
     torch.manual_seed(seed)
     model = RegimeResNet(blocks, channels, in_channels=train.inputs.shape[1], classes=int(train.targets.max()) + 1)
     size = train.inputs.shape[-1]
     initial = network_statistics(model, size)
+    start = {which: [k.clone() for k in model.kernels(which)] for which in ("A", "delta")}
     training = {"schedule": "cosine", **training}
     history = train_classifier(model.to(device), train, test, epochs, seed=seed, checkpoint=checkpoint, **training)
-    return {"model": model.cpu(), "history": history, "init": initial, "trained": network_statistics(model, size)}
+    model = model.cpu()
+    return {"model": model, "history": history, "init": initial, "trained": network_statistics(model, size),
+            "update": network_statistics(model, size, reference=start)}
 
 
 def save_results(path: str | Path, results: dict, parameters: dict) -> None:
@@ -276,6 +325,7 @@ def save_results(path: str | Path, results: dict, parameters: dict) -> None:
 
 
 __all__ = ["PAPER_BLOCKS", "PAPER_TEST_ERROR", "PAPER_EXPONENTS", "fold_kernel", "conv_singular_values",
-           "conv_spectral_norm", "circular_conv_matrix", "power_iteration_norm", "layer_norms", "scaling_statistics",
+           "conv_spectral_norm", "circular_conv_matrix", "power_iteration_norm", "layer_norms", "increment_norms",
+           "scaling_statistics", "stage_starts", "subset_statistics",
            "RegimeBlock", "RegimeResNet", "split_depth", "network_statistics",
            "image_data", "run_depth", "save_results"]

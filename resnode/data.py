@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import pickle
 import zlib
@@ -267,3 +268,126 @@ def embedded_images(dataset: Dataset, seed: int = 0, pixel_scale: float = 255.0,
     y = torch.zeros_like(x)
     y[torch.arange(len(y)), labels] = 1.0
     return Dataset(x, y, f"{dataset.name}, random conv embedding (25-dim, seed={seed})")
+
+
+# --- ImageNet-style folders and synthetic images (the image chapters) -------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_FOLDER_SOURCES = {
+    "imagenet": ("RESNODE_IMAGENET", ["~/.cache/resnode/imagenet", "data/imagenet"],
+                 "get ILSVRC-2012 from https://image-net.org (registration needed) and arrange it as "
+                 "train/<class>/*.JPEG and val/<class>/*.JPEG (the validation images sorted into their classes, "
+                 "as torchvision's ImageFolder expects)"),
+}
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An ImageNet-style folder ``<split>/<class>/<image>``: the image files, their class indices (classes in sorted
+    order of their folder names, as torchvision's ``ImageFolder``), the class names and what they are. Images are
+    decoded when asked for (:meth:`load`)."""
+
+    files: tuple
+    targets: Tensor
+    classes: tuple
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Tensor:
+        """Image ``index`` as uint8 ``(3, H, W)`` (:func:`read_image`)."""
+        return read_image(self.files[index])
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """One image file as uint8 RGB ``(3, H, W)``: torchvision's decoder where torchvision imports, else Pillow.
+    Grey or palette images are converted to RGB. A file that cannot be decoded raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        try:
+            from torchvision.io import ImageReadMode, decode_image, read_file
+        except Exception:  # torchvision is optional, and fails to import beside a CPU-only torch wheel
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (OSError, ValueError, RuntimeError, SyntaxError) as error:
+        raise ValueError(f"cannot decode the image {path}: {type(error).__name__}: {error}") from None
+
+
+def image_folder(split: str = "train", root: str | os.PathLike | None = None, limit: int | None = None,
+                 dataset: str = "imagenet") -> ImageFolder:
+    """An ImageNet-style folder: ``<root>/<split>/<class>/<image files>`` (the layout of torchvision's
+    ``ImageFolder``; the validation split must be sorted into class folders too).
+
+    ``root`` is searched, then the dataset's environment variable (``RESNODE_IMAGENET``), then its default folders;
+    a missing split raises :class:`DatasetNotFoundError` saying how to get the data. ``limit`` keeps that many
+    images, taken in turn from each class (so a small limit still holds every class). Class indices follow the
+    sorted class names of the ``train`` split when it exists beside ``split``, so that both splits agree.
+    """
+    env, defaults, how = _FOLDER_SOURCES[_checks.one_of("dataset", dataset, tuple(_FOLDER_SOURCES))]
+    split = _checks.one_of("split", split, ("train", "val"))
+    candidates = [root] if root is not None else [os.environ.get(env)] + defaults
+    tried, folder = [], None
+    for candidate in candidates:
+        if not candidate:
+            continue
+        path = Path(candidate).expanduser()
+        tried.append(str(path))
+        if (path / split).is_dir() and any(p.is_dir() for p in (path / split).iterdir()):
+            folder = path
+            break
+    if folder is None:
+        raise DatasetNotFoundError(
+            f"{dataset} not found: looked in {', '.join(tried) or 'nowhere'} for a {split}/ folder of class folders. "
+            f"To get it, {how}; then pass root=<folder> or set {env}=<folder>.")
+    naming = folder / ("train" if (folder / "train").is_dir() else split)
+    classes = tuple(sorted(p.name for p in naming.iterdir() if p.is_dir()))
+    index = {c: i for i, c in enumerate(classes)}
+    per_class = []
+    for c in sorted(p.name for p in (folder / split).iterdir() if p.is_dir()):
+        if c not in index:
+            raise ValueError(f"{folder / split / c}: class {c!r} is not among the {len(classes)} classes of {naming}")
+        files = sorted(p for p in (folder / split / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        per_class.append([(f, index[c]) for f in files])
+    interleaved = [item for group in itertools.zip_longest(*per_class) for item in group if item is not None]
+    if limit is not None:
+        interleaved = interleaved[:_checks.positive_int("limit", limit)]
+    if not interleaved:
+        raise ValueError(f"{folder / split} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    files, targets = zip(*interleaved)
+    return ImageFolder(tuple(files), torch.tensor(targets, dtype=torch.long), classes,
+                       f"{dataset} {split} ({len(files)} images, {len(classes)} classes)")
+
+
+def synthetic_images(n: int, channels: int = 1, size: int = 28, classes: int = 10, seed: int = 0,
+                     noise: float = 0.3, detail: int = 4, shift: int = 0) -> Dataset:
+    """Images whose class a small convolutional network learns in seconds, for smoke runs: class ``c`` is a fixed
+    random pattern ``P_c`` (a ``detail x detail`` Gaussian map drawn from ``seed``, upsampled bilinearly to ``size``);
+    each image is ``clip(0.5 + a P_c + noise N, 0, 1)``, with a random contrast ``a`` in [0.5, 1], white Gaussian
+    noise ``N``, and the pattern moved by up to ``shift`` pixels in each direction (periodically).
+    Values in [0, 1], shape ``(n, channels, size, size)``; ``n / classes`` images of each class, in random order."""
+    n, channels = _checks.positive_int("n", n), _checks.positive_int("channels", channels)
+    size, classes = _checks.positive_int("size", size), _checks.positive_int("classes", classes)
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(classes, channels, _checks.positive_int("detail", detail), detail, generator=generator)
+    patterns = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    patterns = 0.25 * patterns / patterns.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    labels = torch.arange(n) % classes
+    labels = labels[torch.randperm(n, generator=generator)]
+    contrast = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=generator)
+    x = contrast * patterns[labels]
+    if shift:
+        moves = torch.randint(-shift, shift + 1, (n, 2), generator=generator)
+        x = torch.stack([image.roll((int(dy), int(dx)), dims=(-2, -1)) for image, (dy, dx) in zip(x, moves)])
+    x = 0.5 + x + noise * torch.randn(n, channels, size, size, generator=generator)
+    return Dataset(x.clamp(0, 1), labels, f"synthetic images ({n}, {classes} classes, seed={seed})")
+
+
+__all__ = ["DatasetNotFoundError", "Dataset", "find_root", "synthetic_gaussian", "digits", "read_idx",
+           "fashion_mnist", "read_cifar_batch", "cifar10", "synthetic_ode", "random_conv_embedding",
+           "embedded_images", "IMAGE_EXTENSIONS", "ImageFolder", "read_image", "image_folder", "synthetic_images"]

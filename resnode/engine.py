@@ -302,3 +302,6 @@ def resnet(h0: Tensor, W: Tensor, V: Tensor | None = None, b: Tensor | None = No
     ``(L[, S])`` (a scalar per layer) or ``None`` (``m = q``); ``b`` ``(L, [S,] m)`` or ``None``.
     """
     return _Fused.apply(h0, W, V, b, spec)
+
+
+__all__ = ["activation_derivative", "Residual", "Workspace", "Trace", "forward", "backward", "resnet"]

@@ -126,3 +126,6 @@ def _save(path: Path, t: int, weights: dict[str, Tensor], recorders: list) -> No
     partial = path.with_name(path.name + ".partial")
     torch.save({"t": t, "weights": weights, "recorders": recorders}, partial)
     os.replace(partial, path)
+
+
+__all__ = ["loss_and_grads", "gradient_flow", "checkpoint_file"]

@@ -31,20 +31,29 @@ def gaussian_process(num_points: int, spacing: float, shape: Sequence[int] = (),
 
     Circulant embedding: the Toeplitz covariance is embedded in a circulant one of size ``M`` (a
     power of two, padded until the kernel has decayed below 1e-12), whose eigenvalues are an FFT.
+    When that padding would exceed ``8 * num_points`` (a length-scale far beyond the grid's span), the
+    ``num_points x num_points`` covariance is factorised directly (its eigendecomposition, negative
+    rounding-level eigenvalues set to zero), so that the memory stays ``O(num_points^2)``.
     """
     n = _checks.positive_int("num_points", num_points)
     spacing = _checks.positive_float("spacing", spacing)
     lengthscale = _checks.positive_float("lengthscale", lengthscale)
     std = _checks.positive_float("std", std)
-    reach = math.ceil(lengthscale * math.sqrt(2 * math.log(1e12)) / spacing)
-    size = 2 ** math.ceil(math.log2(max(2 * (n - 1) + 2 * reach, 2)))
+    count = math.prod(shape)
+    reach = lengthscale * math.sqrt(2 * math.log(1e12)) / spacing
+    if reach > 8 * n:
+        lags = torch.arange(n, dtype=torch.float64) * spacing
+        eigenvalues, vectors = torch.linalg.eigh(rbf_kernel(lags[:, None] - lags[None, :], lengthscale))
+        factor = vectors * eigenvalues.clamp(min=0).sqrt()
+        values = factor @ torch.randn(n, count, generator=generator, dtype=torch.float64)
+        return (std * values).reshape(n, *shape).to(dtype)
+    size = 2 ** math.ceil(math.log2(max(2 * (n - 1) + 2 * math.ceil(reach), 2)))
     j = torch.arange(size, dtype=torch.float64)
     row = rbf_kernel(torch.minimum(j, size - j) * spacing, lengthscale)
     eigenvalues = torch.fft.fft(row).real
     if eigenvalues.min() < -1e-8 * eigenvalues.max():
         raise RuntimeError("circulant embedding is not positive semi-definite; increase the padding")
     scale = torch.sqrt(eigenvalues.clamp(min=0) / size)
-    count = math.prod(shape)
     pairs = (count + 1) // 2
     samples = []
     for start in range(0, pairs, 256):  # chunks bound the memory of the FFT at large depth
@@ -102,3 +111,6 @@ def coarsen(weights: Sequence[Tensor], depth: int) -> tuple[Tensor, ...]:
     if finest % depth:
         raise ValueError(f"depth {depth} must divide the finest grid's {finest} intervals")
     return tuple(w[:: finest // depth] for w in weights)
+
+
+__all__ = ["INIT_KINDS", "rbf_kernel", "gaussian_process", "init_weights", "coarsen"]

@@ -61,3 +61,35 @@ def reversed_pairs(x, y):
     i, j = np.triu_indices(x.shape[-1], k=1)
     fraction = ((x[..., i] - x[..., j]) * (y[..., i] - y[..., j]) < 0).mean(-1)
     return float(fraction) if fraction.ndim == 0 else fraction
+
+
+def coinciding(curves, rtol: float, log: bool = False) -> list[list[int]]:
+    """Group the consecutive rows of ``curves`` (``(curves, points)``) that a plot would draw on top of each other.
+
+    Row ``k`` joins the group of row ``k - 1`` when it is within ``rtol`` of that group's first row ``g``:
+    ``max |c_k - c_g| <= rtol * max |c_g|`` on linear axes, ``max |log c_k - log c_g| <= log(1 + rtol)`` on
+    logarithmic ones (``log=True``: every point relative to its own size, so that curves spanning decades are
+    compared at every scale). Returns the groups as lists of row indices, in order; a figure draws one curve per
+    group and names the rows it stands for, instead of drawing identical curves as if they were different data.
+    """
+    curves = np.asarray(curves, dtype=float)
+    if curves.ndim != 2 or len(curves) == 0:
+        raise ValueError(f"curves must be a non-empty (curves, points) array; got shape {curves.shape}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be non-negative; got {rtol}")
+    if log:
+        if (curves <= 0).any():
+            raise ValueError("coinciding(log=True) needs positive values")
+        curves, close = np.log(curves), lambda c, g: np.abs(c - g).max() <= np.log1p(rtol)
+    else:
+        close = lambda c, g: np.abs(c - g).max() <= rtol * np.abs(g).max()
+    groups = [[0]]
+    for k in range(1, len(curves)):
+        if close(curves[k], curves[groups[-1][0]]):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
+__all__ = ["loglog_slope", "exponential_rate", "uniform_exponential_rate", "reversed_pairs", "coinciding"]

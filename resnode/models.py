@@ -129,7 +129,7 @@ class StateFree:
         return (theta**self.power).unsqueeze(-2).expand_as(h)
 
     def segment_lipschitz(self, a: Weights, b: Weights) -> Tensor:
-        return torch.zeros(a[0].shape[:-1], dtype=a[0].dtype)
+        return torch.zeros(a[0].shape[:-1], dtype=a[0].dtype, device=a[0].device)
 
 
 def _layers(weights: Sequence[Tensor]) -> list[Weights]:
@@ -223,3 +223,7 @@ class ResNet(nn.Module):
                     return engine.forward(h, W, V, b[0] if b else None, spec).states
             return engine.resnet(h, W, V, b[0] if b else None, spec=spec)
         return INTEGRATORS[self.integrator](h, self.residual, tuple(self.weights), self.step, trajectory)
+
+
+__all__ = ["Weights", "SCALINGS", "ACTIVATIONS", "activation", "step_size", "Perceptron", "Linear", "StateFree",
+           "euler", "heun", "INTEGRATORS", "ResNet"]

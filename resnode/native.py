@@ -127,3 +127,7 @@ def address(tensor: Tensor | None) -> int | None:
     if not tensor.is_contiguous():
         raise ValueError("the compiled loops need contiguous tensors")
     return tensor.data_ptr()
+
+
+__all__ = ["SOURCE", "FLAGS", "LIBRARIES", "ACTIVATION_CODES", "enabled", "kernels", "torch_loops", "usable",
+           "address"]

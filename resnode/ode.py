@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from . import _checks
 
@@ -90,16 +89,19 @@ def solve(field: Callable, x0: Tensor, intervals: int, substeps: int = 8, method
     """
     intervals = _checks.positive_int("intervals", intervals)
     substeps = _checks.positive_int("substeps", substeps)
-    grid = torch.linspace(0.0, 1.0, intervals * substeps + 1, dtype=x0.dtype)
+    grid = torch.linspace(0.0, 1.0, intervals * substeps + 1, dtype=x0.dtype, device=x0.device)
     if method == "rk4" and isinstance(field, InterpolatedField) and field.intervals == intervals:
         return grid, _rk38_interpolated(field, x0, substeps)
+    from torchdiffeq import odeint  # imported here: it pulls in scipy (a second at import) for the methods only it has
+
     return grid, odeint(field, x0, grid, method=method)
 
 
 def _rk38_interpolated(field: InterpolatedField, x0: Tensor, substeps: int, chunk: int = 256) -> Tensor:
     """The 3/8-rule RK4 over the knot grid of ``field``: stages at ``s, s + h/3, s + 2h/3, s + h``."""
     U = 3 * substeps + 1  # stage offsets u within a knot interval: (j + c) / substeps, c in {0, 1/3, 2/3}, and 1
-    u = torch.tensor([(j + c) / substeps for j in range(substeps) for c in (0.0, 1 / 3, 2 / 3)] + [1.0], dtype=x0.dtype)
+    u = torch.tensor([(j + c) / substeps for j in range(substeps) for c in (0.0, 1 / 3, 2 / 3)] + [1.0], dtype=x0.dtype,
+                     device=x0.device)
     h = 1.0 / (field.intervals * substeps)
     x, states = x0, [x0]
     for start in range(0, field.intervals, chunk):

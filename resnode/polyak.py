@@ -148,3 +148,8 @@ def localisation_margin(f0: float, start_norm: float, radius: float) -> float:
     radius = _checks.positive_float("radius", radius)
     m, M = local_pl_constants(start_norm + radius)
     return m * m * radius * radius / M - f0
+
+
+__all__ = ["descend", "pl_ratio", "pl_ratios", "polyak_bound", "least_squares_constants", "exp_loss",
+           "complex_exp_gradient", "complex_descent", "rotation_loss", "local_pl_constants", "local_smoothness",
+           "localisation_margin"]

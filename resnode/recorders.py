@@ -7,6 +7,8 @@ initialisation), with ``weights`` a dict of stacked tensors ``(L, [S,] ...)`` an
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -177,3 +179,40 @@ class DistanceTo:
     @property
     def values(self) -> dict[str, np.ndarray]:
         return {n: np.stack(v) for n, v in self._values.items()}
+
+
+class Clock:
+    """The wall time a run spends between its updates, summed over the pieces of a resumed run, and the peak
+    resident memory of the process so far (``getrusage``'s ``ru_maxrss``, kibibytes on Linux).
+
+    ``.seconds`` / ``.updates`` is the time per iteration. The time between a checkpoint and its resumption is not
+    counted: a checkpoint keeps the totals, not the moment of the last update.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.updates = 0
+        self.peak_rss_bytes = 0
+        self._last: float | None = None
+
+    def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds += now - self._last
+            self.updates += 1
+        self._last = now
+        self.peak_rss_bytes = max(self.peak_rss_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    @property
+    def per_iteration(self) -> float:
+        """Seconds per iteration (nan before two updates)."""
+        return self.seconds / self.updates if self.updates else float("nan")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_last"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _last=None)
+
+
+__all__ = ["increments", "Loss", "MaxIncrement", "Snapshots", "DistanceTo", "Clock"]

@@ -78,6 +78,7 @@ def exponent(depths: Sequence[int], values: Sequence[float], statistic: str = "m
     sum norm ``~ L^(1 - beta)`` (Step 1), ``beta = 1 - slope``; anything else (``"increment"``, ``"rss"``):
     the slope itself.
     """
+    statistic = _checks.one_of("statistic", statistic, STATISTICS)
     slope = metrics.loglog_slope(depths, values)
     if statistic == "max":
         return -slope
@@ -169,3 +170,6 @@ def noise_fraction(A, trend_weights: Tensor) -> float:
     A = _stack(A)
     return float(torch.linalg.vector_norm(A - trend_weights) / torch.linalg.vector_norm(A))
 
+
+__all__ = ["max_norm", "cumsum_norm", "increment_norm", "root_sum_squares", "quadratic_variation", "STATISTICS",
+           "statistics", "exponent", "rescaled_cumsum", "mean_path", "trend", "noise", "decompose", "noise_fraction"]

@@ -80,12 +80,13 @@ def matern(r, nu: float) -> np.ndarray:
 
     nu = _nu(nu)
     r = np.asarray(r, dtype=float)
-    if (r < 0).any():
-        raise ValueError("r must be >= 0 (a distance)")
+    if np.isnan(r).any() or (r < 0).any():
+        raise ValueError("r must be >= 0 (a distance; NaN is not one)")
     z = np.sqrt(nu) * r
     with np.errstate(invalid="ignore", over="ignore"):
         k = 2 ** (1 - nu) / gamma(nu) * z**nu * kv(nu, z)
-    return np.where(z < 1e-12, 1.0, np.nan_to_num(k, nan=1.0))
+    # at z = 0 the product is 0 * inf (the limit is 1); at z = inf it is inf * 0 (the limit is 0)
+    return np.where(z < 1e-12, 1.0, np.where(np.isinf(z), 0.0, k))
 
 
 def matern_matrix(x: Tensor, y: Tensor | None, nu: float) -> Tensor:
@@ -172,9 +173,14 @@ class FourierFeatures:
         ascent ``h <- grad / |grad|`` from ``restarts`` starts (the largest frequencies, then random):
         a lower estimate of that sup, usually the sup itself.
         """
+        return 1.0, self.lipschitz(), math.sqrt(max_fourth_moment(self.omega, restarts, iterations, seed))
+
+    def lipschitz(self) -> float:
+        """``sup_x |D phi(x)|_op = sqrt(lambda_max(mean_j w_j w_j^T))`` (exact: ``|D phi(x) h|`` does not depend on ``x``).
+
+        For the infinite-width kernel it is ``sqrt(E w_1^2)`` (:func:`spectral_moments`, isotropic spectrum)."""
         w = self.omega
-        lip = math.sqrt(torch.linalg.eigvalsh(w.T @ w / self.p)[-1].item())
-        return 1.0, lip, math.sqrt(max_fourth_moment(w, restarts, iterations, seed))
+        return math.sqrt(torch.linalg.eigvalsh(w.T @ w / self.p)[-1].item())
 
     def kappa(self, **kwargs) -> float:
         """``1 + sup|D phi| + sup|D^2 phi|``: the regularity constant kappa of these features."""
@@ -282,7 +288,7 @@ def _forward(theta: Tensor, features: FourierFeatures, x0: Tensor) -> tuple[Tens
 
 
 def flow(theta: Tensor, features: FourierFeatures, x0: Tensor) -> Tensor:
-    """States ``x_0 .. x_T`` of ``x_{t+1} = x_t + (1/T) Theta_t phi(x_t)`` (slide "RKHS neural ODE"): ``(T+1, n, D)``."""
+    """States ``x_0``, ..., ``x_T`` of ``x_{t+1} = x_t + (1/T) Theta_t phi(x_t)`` (slide "RKHS neural ODE"): ``(T+1, n, D)``."""
     return _forward(theta, features, x0)[0]
 
 
@@ -483,3 +489,200 @@ def localisation_cap(radius, m, M) -> tuple[float, float]:
     caps = m**2 * radius**2 / M
     best = int(np.argmax(caps))
     return float(caps[best]), float(radius[best])
+
+
+# --------------------------------------------------------------------------- the feature count of the lifting proposition
+
+def kernel_ball_cap(x0: Tensor, *, nu: float, b: Tensor, radii) -> tuple[float, float, float]:
+    """The Corollary's largest admissible initial loss for the infinite-width Matérn kernel (``p = inf``), with the
+    bounds of :func:`ball_pl_bounds` certified on the ball around ``v = 0``: ``lam0 = lambda_min(K_{X_0})`` of the
+    closed-form kernel (:func:`matern_matrix`) and ``lip = sqrt(E w_1^2)`` (:func:`spectral_moments`), the exact
+    ``sup |D phi|`` of the kernel's feature map. Returns ``(cap, R, lam0)``: :func:`localisation_cap` over ``radii``."""
+    lam0 = max(min_eigenvalue(matern_matrix(x0, None, nu)), 0.0)
+    m, big = ball_pl_bounds(radii, lam0=lam0, n=len(x0), lip=math.sqrt(spectral_moments(nu)[0]), b=b)
+    cap, radius = localisation_cap(radii, m, big)
+    return cap, radius, lam0
+
+
+def features_cap(features: FourierFeatures, x0: Tensor, *, radius: float, b: Tensor, lip: float | None = None) -> float:
+    """``m(R)^2 R^2 / M(R)`` at one radius for the model with these random features (:func:`ball_pl_bounds` with the
+    features' own ``lambda_min(K_{X_0})`` and, unless ``lip`` is given, their own :meth:`FourierFeatures.lipschitz`):
+    the model meets the Corollary's condition at ``R`` exactly when its initial loss is at most this."""
+    lam0 = max(min_eigenvalue(features.kernel(x0)), 0.0)
+    lip = features.lipschitz() if lip is None else lip
+    m, big = ball_pl_bounds(radius, lam0=lam0, n=len(x0), lip=lip, b=b)
+    return float(m**2 * radius**2 / big)
+
+
+@dataclass
+class FeatureCount:
+    """How many random features carry the kernel's Corollary condition over to the finite model (:func:`feature_count`).
+
+    ``fraction`` and ``p_star`` are for the condition with the features' own constants; ``fraction_lambda`` and
+    ``p_star_lambda`` for the condition with the features' ``lambda_min`` but the kernel's Lipschitz constant, which
+    isolates the part that depends on the kernel matrix of the ``N`` points."""
+
+    n: int
+    ps: list  # the feature counts tried, increasing
+    fraction: list  # at each p, the fraction of draws whose model meets the condition
+    fraction_lambda: list  # the same with the kernel's Lipschitz constant
+    p_star: float  # the first p at which every draw meets it, here and at the next p tried (inf: never)
+    p_star_lambda: float
+    cap: float  # the kernel's largest admissible F(v0)
+    radius: float  # the radius R that attains it
+    lam0: float  # lambda_min of the closed-form kernel at the inputs
+
+
+def _first_of_two(fractions: list) -> float:
+    """The first p index from which every draw passes at two consecutive counts (or at the last count tried)."""
+    for i, fr in enumerate(fractions):
+        if fr == 1 and (i + 1 == len(fractions) or fractions[i + 1] == 1):
+            return i
+    return -1
+
+
+def feature_count(x0: Tensor, *, nu: float, b: Tensor, ps, draws: int, seed: int = 0, margin: float = 2.0,
+                  radii=None) -> FeatureCount:
+    """The slides' proposition (lifting, Matérn features, ``p = O(N^4 + ...)``) at one data set: given ``v0 = 0`` and
+    the radius ``R`` at which the closed-form kernel admits the largest initial loss (:func:`kernel_ball_cap`), and an
+    initial loss ``F(v0) = cap / margin`` that the kernel admits, find how many features ``p`` the model needs to
+    admit it too, ``F(v0) <= m_p(R)^2 R^2 / M_p(R)`` (:func:`features_cap`), for every one of ``draws`` independent
+    draws of the frequencies (draw ``j`` at count ``p`` uses the same frequencies whatever ``x0``, so data sets are
+    compared on the same draws). ``ps`` are tried in increasing order, until both criteria (see
+    :class:`FeatureCount`) have held for every draw at two consecutive counts; ``p_star`` is the first of the two."""
+    draws = _checks.positive_int("draws", draws)
+    margin = _checks.positive_float("margin", margin)
+    ps = sorted(int(p) for p in ps)
+    if not ps or ps[0] < 1:
+        raise ValueError(f"ps must be positive feature counts; got {ps!r}")
+    radii = np.geomspace(1e-5, 3.0, 120) if radii is None else np.asarray(radii, dtype=float)
+    cap, radius, lam0 = kernel_ball_cap(x0, nu=nu, b=b, radii=radii)
+    f0, lip_kernel = cap / margin, math.sqrt(spectral_moments(nu)[0])
+    tried, full, lam_only = [], [], []
+    for p in ps:
+        own, fixed = [], []
+        for j in range(draws):
+            features = FourierFeatures.matern(p, x0.shape[1], nu, seed=seed * 100_003 + 7919 * j + p)
+            lam = max(min_eigenvalue(features.kernel(x0)), 0.0)
+            for lip, out in ((features.lipschitz(), own), (lip_kernel, fixed)):
+                m, big = ball_pl_bounds(radius, lam0=lam, n=len(x0), lip=lip, b=b)
+                out.append(float(m**2 * radius**2 / big) >= f0)
+        tried.append(p)
+        full.append(sum(own) / draws)
+        lam_only.append(sum(fixed) / draws)
+        if _first_of_two(full) >= 0 and _first_of_two(lam_only) >= 0 and full[-2:] == [1, 1] == lam_only[-2:]:
+            break
+    star = lambda fr: tried[_first_of_two(fr)] if _first_of_two(fr) >= 0 else math.inf  # noqa: E731
+    return FeatureCount(n=len(x0), ps=tried, fraction=full, fraction_lambda=lam_only, p_star=star(full),
+                        p_star_lambda=star(lam_only), cap=cap, radius=radius, lam0=lam0)
+
+
+# --------------------------------------------------------------------------- lifting: what a flow of the line cannot do
+
+def increasing_fit_floor(x, y) -> float:
+    """``min (1/N) sum_i (f(x_i) - y_i)^2`` over nondecreasing maps ``f`` of the line (distinct ``x_i``): the isotonic
+    regression of ``y`` on ``x``, by pooling adjacent violators. The flow of a field on the line, and every Euler step
+    ``x + v_t(x)/T`` that keeps the points in order, is such a map, so the loss of an unlifted model (``d = 1``,
+    ``A = B = 1``) stays at or above this floor. For ``y = -x`` the floor is the variance of ``x``."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape or len(x) == 0:
+        raise ValueError(f"x and y must be 1-d of the same length; got {x.shape} and {y.shape}")
+    if len(np.unique(x)) != len(x):
+        raise ValueError("the x_i must be distinct")
+    ys = y[np.argsort(x)]
+    blocks: list[list[float]] = []  # [sum, count] of each pooled block
+    for v in ys:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    fit = np.concatenate([np.full(int(c), s / c) for s, c in blocks])
+    return float(np.mean((fit - ys) ** 2))
+
+
+def keeps_order(states: Tensor) -> bool:
+    """Whether the Euler flow of points on the line (``states`` ``(T+1, n, 1)``, from :func:`flow`) keeps them in the
+    order of ``states[0]`` at every step, i.e. the model's map is increasing on the data."""
+    if states.ndim != 3 or states.shape[2] != 1:
+        raise ValueError(f"states must be (T+1, n, 1); got shape {tuple(states.shape)}")
+    order = torch.argsort(states[0, :, 0])
+    return bool((torch.diff(states[:, order, 0], dim=1) > 0).all())
+
+
+# --------------------------------------------------------------------------- ReLU features and Condition 1
+
+@dataclass
+class ReLUFeatures:
+    """Random ReLU features ``phi(x) = p^{-1/2} relu(W x)`` in ``R^p`` (the slides' kernel ``<sigma(W x), sigma(W x')>``
+    with ``sigma`` = ReLU, and the fixed random inner weights of the authors' code). ``weight`` is ``(p, d)``."""
+
+    weight: Tensor
+
+    def __post_init__(self):
+        if self.weight.ndim != 2:
+            raise ValueError(f"weight must be (p, d); got shape {tuple(self.weight.shape)}")
+
+    @classmethod
+    def gaussian(cls, p: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float64):
+        """``W`` with independent ``N(0, 1/d)`` entries."""
+        p, d = _checks.positive_int("p", p), _checks.positive_int("d", d)
+        return cls(torch.randn(p, d, generator=torch.Generator().manual_seed(seed), dtype=dtype) / math.sqrt(d))
+
+    @property
+    def p(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.p
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (n, {self.dim}); got shape {tuple(x.shape)}")
+        return torch.relu(x.to(self.weight.dtype) @ self.weight.T) / math.sqrt(self.p)
+
+    def lipschitz(self) -> float:
+        """A bound on ``sup_x |D phi(x)|_op``: ``|D phi(x) h| = p^{-1/2} |1[Wx > 0] * (W h)| <= p^{-1/2} |W h|``."""
+        return torch.linalg.matrix_norm(self.weight, ord=2).item() / math.sqrt(self.p)
+
+    def kinks(self, x0: Tensor, u: Tensor) -> Tensor:
+        """The ``s`` at which the line ``x0 + s u`` crosses the hyperplane ``<w_j, x> = 0`` of each feature ``j``."""
+        return -(self.weight @ x0.to(self.weight.dtype)) / (self.weight @ u.to(self.weight.dtype))
+
+
+def difference_quotients(field, x0: Tensor, u: Tensor, s, hs) -> tuple[np.ndarray, np.ndarray]:
+    """First and second difference quotients of a field along the line ``x(s) = x0 + s u`` (``|u| = 1``).
+
+    They are::
+
+        q1(h) = max_s |v(x(s + h)) - v(x(s))| / h,    q2(h) = max_s |v(x(s + h)) - 2 v(x(s)) + v(x(s - h))| / h^2,
+
+    the max over the given ``s``. ``field`` maps ``(n, d)`` points to ``(n, D)`` values. For a field with bounded first
+    and second derivatives (Condition 1) they stay under ``sup |Dv|`` and ``sup |D^2 v|`` for every ``h`` (mean value
+    theorem) and converge as ``h -> 0``. For ``v = Theta phi`` with ReLU features, centred at a kink ``s_j`` with ``h``
+    smaller than the distance to the other kinks, the second difference is ``|Theta_j| |w_j . u| h / sqrt(p)``, so
+    ``q2(h)`` grows like ``1/h``: no finite ``kappa``. Returns ``(q1, q2)`` over ``hs``."""
+    s = torch.as_tensor(np.asarray(s, dtype=float), dtype=x0.dtype)
+    u = u / u.norm()
+    at = lambda t: field(x0[None] + t[:, None] * u[None])  # noqa: E731
+    q1, q2 = [], []
+    for h in np.asarray(hs, dtype=float):
+        if not h > 0:
+            raise ValueError(f"hs must be > 0; got {h!r}")
+        mid, up, down = at(s), at(s + h), at(s - h)
+        q1.append(((up - mid).norm(dim=1) / h).max().item())
+        q2.append(((up - 2 * mid + down).norm(dim=1) / h**2).max().item())
+    return np.array(q1), np.array(q2)
+
+
+__all__ = ["sample_spectrum", "matern", "matern_matrix", "spectral_moments", "kappa_moment_bound",
+           "kappa_slide_bound", "FourierFeatures", "max_fourth_moment", "separation", "min_eigenvalue",
+           "line_points", "grid_points", "random_separated", "lifting", "flow", "h_norm", "Evaluation", "evaluate",
+           "PLCheck", "pl_check", "gradient_descent", "project", "ball_pl_bounds", "slide_pl_bounds",
+           "localisation_cap", "kernel_ball_cap", "features_cap", "FeatureCount", "feature_count",
+           "increasing_fit_floor", "keeps_order", "ReLUFeatures", "difference_quotients"]

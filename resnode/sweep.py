@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import re
+import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -74,8 +76,26 @@ def point_name(point: Mapping, varied: Iterable[str] | None = None) -> str:
     return (re.sub(r"[^A-Za-z0-9=,._+-]", "_", text)[:120] or "point") + "." + digest
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's file descriptor 2, which the notebook's kernel inherits, to ``path`` for the duration: the
+    kernel's own messages (and a crashed kernel's last words) stay beside the point instead of in the caller's
+    terminal or notebook."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def run_point(notebook: str, out: str, parameters: dict, survey: bool = False, kernel: str = "python3") -> dict:
-    """Run one point with papermill and write its record beside the output notebook; returns the record.
+    """Run one point with papermill and write its record beside the output notebook; returns the record. The
+    kernel's standard error goes to ``<point>.log`` beside them.
 
     A failure does not raise: the record says ``status: "failed"`` with the error and the claims recorded so far
     are lost with the kernel (a claim that fails inside :meth:`resnode.records.Record.claim` is recorded, and with
@@ -90,8 +110,9 @@ def run_point(notebook: str, out: str, parameters: dict, survey: bool = False, k
     env_before = os.environ.get(records.SURVEY_ENV)
     os.environ[records.SURVEY_ENV] = "1" if survey else "0"
     try:
-        papermill.execute_notebook(notebook, str(out), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(Path(notebook).parent), progress_bar=False)
+        with _stderr_to(out.with_suffix(".log")):
+            papermill.execute_notebook(notebook, str(out), parameters=parameters, kernel_name=kernel,
+                                       cwd=str(Path(notebook).parent), progress_bar=False)
         record = records.from_notebook(out)
         if record is None:
             raise RuntimeError(f"{notebook} ran but published no record (its last cell calls record.publish())")

@@ -335,3 +335,7 @@ def select(params: dict, index: int) -> dict:
     if _copies(params) != 1:
         raise ValueError("select needs parameters with a copy dimension (W of shape (L, S, m, q))")
     return {k: (v[:, index] if k in ("V", "W") else v[index]).contiguous() for k, v in params.items()}
+
+
+__all__ = ["Forward", "forward", "loss", "tangent_kernel", "init_kernel", "pl_constant", "pl_ratio", "initialise",
+           "perturb", "sphere", "distances", "gradient_flow", "stack", "select"]

@@ -67,3 +67,6 @@ def continuation(start: torch.Tensor, end: torch.Tensor, ramp_steps: int) -> Cal
     if start.shape != end.shape:
         raise ValueError(f"start and end must have the same shape; got {tuple(start.shape)} and {tuple(end.shape)}")
     return lambda step: torch.lerp(start, end, min(1.0, step / ramp_steps))
+
+
+__all__ = ["OPTIMIZERS", "DIVERGENCE_FACTOR", "DivergenceError", "check_divergence", "fit", "continuation"]

@@ -83,11 +83,14 @@ def augment(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
-def sgd_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, batches, epoch: int = 0) -> float:
+def sgd_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, batches, epoch: int = 0,
+              clip_norm: float | None = None) -> float:
     """One pass of cross-entropy SGD over ``(inputs, targets)`` batches (model in training mode); the mean loss.
 
-    A non-finite loss raises ``FloatingPointError`` naming the epoch (without batch norm, too large a learning
-    rate makes deep networks diverge).
+    With ``clip_norm``, each step's gradient (all parameters together) is scaled down to that Euclidean norm when
+    it is larger (``torch.nn.utils.clip_grad_norm_``), before weight decay and momentum. A non-finite loss raises
+    ``FloatingPointError`` naming the epoch (without batch norm, too large a learning rate makes deep networks
+    diverge).
     """
     model.train()
     total, count = 0.0, 0
@@ -97,6 +100,8 @@ def sgd_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, batches, epoch
             raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
         optimiser.zero_grad()
         loss.backward()
+        if clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimiser.step()
         total, count = total + loss.item() * len(y), count + len(y)
     return total / count
@@ -106,19 +111,21 @@ def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: in
                      lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "step",
                      milestones: tuple[int, ...] | None = None, augmentation: bool = False, seed: int = 0,
                      checkpoint: str | Path | None = None, stop_after: int | None = None,
-                     progress: bool = False) -> dict[str, list[float]]:
+                     progress: bool = False, clip_norm: float | None = None) -> dict[str, list[float]]:
     """Cross-entropy SGD with momentum and weight decay; the learning rate follows ``schedule``, stepped per epoch:
 
     - ``"step"``: divided by 10 at each milestone epoch (by default 1/3 and 2/3 of the run, Sander et al.'s
       30 and 60 of 90);
     - ``"cosine"``: annealed by a cosine over ``epochs`` (Cont et al., App. A).
 
-    ``augmentation`` adds random crops and flips. Batches go to the model's device. Returns per-epoch training
-    loss, test error (%) and seconds. With ``checkpoint``, model, optimiser, schedule and history are saved after
+    ``augmentation`` adds random crops and flips; ``clip_norm`` clips each step's gradient norm (:func:`sgd_epoch`).
+    Batches go to the model's device. Returns per-epoch training loss, test error (%) and seconds. With ``checkpoint``, model, optimiser, schedule and history are saved after
     every epoch and a run resumes from the file if it exists, so an interrupted run loses at most one epoch;
     ``stop_after`` ends this call after that many epochs in total (a time-sliced job resumes it later).
     """
     epochs = _checks.positive_int("epochs", epochs)
+    if clip_norm is not None:
+        clip_norm = _checks.positive_float("clip_norm", clip_norm)
     batch_size = _checks.positive_int("batch_size", batch_size)
     _checks.one_of("schedule", schedule, SCHEDULES)
     device = next(model.parameters()).device
@@ -150,7 +157,7 @@ def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: in
         if augmentation:
             crops = torch.Generator().manual_seed(seed + 1 + epoch)
             batches = ((augment(x, crops), y) for x, y in batches)
-        history["loss"].append(sgd_epoch(model, optimiser, batches, epoch))
+        history["loss"].append(sgd_epoch(model, optimiser, batches, epoch, clip_norm))
         scheduler.step()
         history["seconds"].append(time.perf_counter() - start)
         history["test_error"].append(error_rate(model, test_set))

@@ -78,3 +78,17 @@ def test_every_page_renders_offline_in_a_browser(root, built_book):
 
     problems = check_pages(built_book, root / "_build" / "screenshots")
     assert not problems, "\n".join(problems)
+
+
+def test_the_api_reference_covers_every_public_name(root, built_book):
+    """Every module declares its public names (``__all__``) and the book's API reference documents each of them."""
+    import importlib
+
+    for path in sorted((root / "resnode").glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        module = importlib.import_module(f"resnode.{path.stem}")
+        assert hasattr(module, "__all__"), f"resnode.{path.stem} declares no __all__"
+        page = (built_book / "api" / "resnode" / path.stem / "index.html").read_text()
+        missing = [name for name in module.__all__ if f'id="resnode.{path.stem}.{name}"' not in page]
+        assert not missing, f"resnode.{path.stem}: not in the API reference: {missing}"

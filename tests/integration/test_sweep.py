@@ -19,7 +19,8 @@ CELLS = [
     ("import time\nfrom resnode import profiles, records\nparams = profiles.parameters(globals())\n"
      "cfg = profiles.settings(params, smoke=dict(n=2), book=dict(n=3), paper=dict(n=4))\n"
      "record = records.Record('99_tiny', cfg)", []),
-    ("if mode == 'slow':\n    time.sleep(3)\nif mode == 'crash':\n    raise RuntimeError('boom')\n"
+    ("if mode == 'slow':\n    time.sleep(3)\nif mode == 'crash':\n    import os\n    os.write(2, b'kernel stderr: boom')\n"
+     "    raise RuntimeError('boom')\n"
      "with record.claim('holds', 'the seed is small'):\n    record.figures(seed_squared=seed ** 2)\n"
      "    assert mode != 'fail', 'asked to fail'", ["nbval-check-output"]),
     ("if log:\n    open(log, 'a').write(f'{seed}\\n')\nrecord.publish();", ["remove-output"]),
@@ -53,6 +54,9 @@ def test_a_grid_leaves_one_record_per_point_and_isolates_failures(tiny, tmp_path
     assert by[0, "crash"]["status"] == "failed" and "boom" in by[0, "crash"]["error"]
     folder = tmp_path / "out" / "99_tiny"
     assert len(list(folder.glob("*.json"))) == 6 and len(list(folder.glob("*.ipynb"))) == 6
+    # the kernel's standard error is kept beside its point, not printed where the sweep runs
+    [crash_log] = folder.glob("seed=0,mode=crash.*.log")
+    assert "kernel stderr: boom" in crash_log.read_text()
     [stored] = folder.glob("seed=3,mode=ok.*.ipynb")
     assert nbformat.read(str(stored), as_version=4).metadata["resnode"]["record"]["claims"]["holds"]["passed"] is True
     assert records.load(stored.with_suffix(".json")) == by[3, "ok"]

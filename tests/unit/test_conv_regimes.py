@@ -200,3 +200,71 @@ def test_run_depth_measures_before_and_after():
     out = cr.run_depth((1, 2, 1), (4, 8, 8), train, test, epochs=1, batch_size=32, lr=0.05)
     assert out["model"].depth == 4 and len(out["history"]["loss"]) == 1
     assert len(out["init"]["A"]["layers"]) == 4 and out["trained"]["A"]["maximum"] != out["init"]["A"]["maximum"]
+
+
+def test_stage_starts_are_the_blocks_that_do_not_grow_with_depth():
+    assert cr.stage_starts((1, 22, 1)) == [0, 1, 23]
+    assert cr.stage_starts(cr.PAPER_BLOCKS[121]) == [0, 4, 35, 117]
+    # with outer stages of fixed size, the number of stage starts is the same at every depth
+    assert {len(cr.stage_starts(cr.split_depth(L, 3, outer=1))) for L in (5, 12, 48)} == {3}
+    # they are the blocks where the shapes change, and block 0
+    net = cr.RegimeResNet((2, 3, 2), (4, 8, 16), in_channels=1)
+    changes = [k for k, b in enumerate(net.blocks) if not isinstance(b.shortcut, torch.nn.Identity)]
+    assert cr.stage_starts((2, 3, 2)) == [0] + changes
+
+
+def test_subset_statistics_on_a_planted_profile():
+    n, L = 4, 7
+    base = kernel(2, 2, 3, seed=11)
+    base = base / cr.conv_spectral_norm(base, n)
+    scales = [3.0, 0.5, 0.5, 1.0, 0.5, 0.5, 2.0]  # two large outer blocks, a flat middle with one bump
+    kernels = [s * base for s in scales]
+    norms, increments = cr.layer_norms(kernels, [n] * L), cr.increment_norms(kernels, [n] * L)
+    np.testing.assert_allclose(increments, np.abs(np.diff(scales)), rtol=1e-12)
+    middle = cr.subset_statistics(norms, increments, range(1, L - 1), beta=0.5)
+    assert middle["maximum"] == pytest.approx(1.0) and middle["median"] == pytest.approx(0.5)
+    assert middle["root_ssq"] == pytest.approx(math.sqrt(4 * 0.25 + 1)) and middle["count"] == 5
+    assert middle["increment"] == pytest.approx(L**0.5 * 0.5)  # only increments inside the middle: |1 - 0.5|
+    whole = cr.subset_statistics(norms, increments, range(L))
+    assert whole["increment"] == pytest.approx(2.5) and whole["maximum"] == pytest.approx(3.0)
+    # the full statistics are the subset statistics of every block
+    full = cr.scaling_statistics(kernels, [n] * L, beta=0.5)
+    assert full["maximum"] == pytest.approx(3.0) and full["increment"] == pytest.approx(L**0.5 * 2.5)
+    # a subset without two consecutive blocks has no increment
+    assert math.isnan(cr.subset_statistics(norms, increments, [0, 2, 4])["increment"])
+    # a transition (another shape) is never compared with its neighbours
+    mixed = [base, torch.zeros(2, 3, 3, 3, dtype=torch.float64), 2 * base]
+    assert np.isnan(cr.increment_norms(mixed, [n] * 3)).all()
+    with pytest.raises(ValueError, match="keep"):
+        cr.subset_statistics(norms, increments, [L])
+    with pytest.raises(ValueError, match="increments"):
+        cr.subset_statistics(norms, increments[:-1], [0])
+
+
+def test_update_statistics_measure_what_training_added():
+    torch.manual_seed(3)
+    net = cr.RegimeResNet((1, 3, 1), (4, 8, 8), in_channels=1)
+    start = {w: [k.clone() for k in net.kernels(w)] for w in ("A", "delta")}
+    assert max(cr.network_statistics(net, 8, reference=start)["A"]["layers"]) == 0.0  # nothing added yet
+    with torch.no_grad():
+        for k, block in enumerate(net.blocks):
+            block.conv1.weight.mul_(1 + k)  # the update of A_k is k A_k(0)
+    update = cr.network_statistics(net, 8, reference=start)["A"]
+    initial = cr.layer_norms(start["A"], net.input_sizes("A", 8))
+    np.testing.assert_allclose(update["layers"], np.arange(5) * initial, rtol=1e-6)
+    assert np.isnan(update["increments"][0])  # A_0 is 4 -> 4 channels, A_1 4 -> 8: not compared
+    # A_3 and A_4 (8 -> 8 channels, both on 4 x 4 inputs: the stride comes after A) are compared: 3 A_3(0) vs 4 A_4(0)
+    assert update["increments"][3] == pytest.approx(cr.conv_spectral_norm(4 * start["A"][4] - 3 * start["A"][3], 4), rel=1e-6)
+    twin = cr.RegimeResNet((1, 3, 1), (4, 8, 8), in_channels=1)
+    twin.load_state_dict(net.state_dict())
+    assert max(cr.network_statistics(net, 8, reference=twin)["delta"]["layers"]) == 0.0
+
+
+def test_run_depth_records_the_update():
+    train, test = cr.image_data("digits", train_limit=64)
+    out = cr.run_depth((1, 2, 1), (4, 8, 8), train, test, epochs=1, batch_size=32, lr=0.05)
+    for which in ("A", "delta"):
+        assert len(out["update"][which]["layers"]) == 4 and min(out["update"][which]["layers"]) > 0
+        # the triangle inequality: |trained| <= |initial| + |update| per layer
+        assert all(t <= i + u + 1e-9 for t, i, u in zip(out["trained"][which]["layers"], out["init"][which]["layers"],
+                                                         out["update"][which]["layers"]))

@@ -18,6 +18,19 @@ def test_gaussian_process_has_the_rbf_covariance():
     assert (empirical - target).abs().mean() < 0.04
 
 
+@pytest.mark.parametrize("lengthscale", [0.15, 1e9])
+def test_gaussian_process_covariance_at_any_lengthscale(lengthscale):
+    """The circulant path (0.15) and the direct one (a length-scale far beyond the grid, where the circulant padding
+    would need terabytes): same RBF covariance; at 1e9 every depth holds the same value (correlation 1)."""
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    samples = init.gaussian_process(n, 1 / n, (20000,), lengthscale, generator=g)
+    assert samples.shape == (n, 20000) and torch.isfinite(samples).all()
+    s = torch.arange(n, dtype=torch.float64) / n
+    target = init.rbf_kernel(s[:, None] - s[None, :], lengthscale)
+    assert (samples @ samples.T / samples.shape[1] - target).abs().max() < 0.06  # entry-wise std about 0.01
+
+
 def test_smooth_weights_have_small_increments_and_iid_do_not():
     g = torch.Generator().manual_seed(1)
     for depth in (64, 512):

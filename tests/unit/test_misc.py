@@ -116,3 +116,26 @@ def test_uniform_exponential_rate_is_the_largest_rate_that_bounds_the_whole_run(
         metrics.uniform_exponential_rate(t + 1, slowing)  # must start at t = 0
     with pytest.raises(ValueError):
         metrics.uniform_exponential_rate(t, -slowing)
+
+
+def test_coinciding_groups_curves_a_plot_would_draw_on_top_of_each_other():
+    base = np.array([1.0, 2.0, 4.0])
+    curves = np.stack([base, 1.005 * base, 2 * base, 2.01 * base, base])
+    # rows 0-1 agree to 0.5 %, rows 2-3 to 0.5 %; row 4 equals row 0 but is not consecutive to it
+    assert metrics.coinciding(curves, 0.01) == [[0, 1], [2, 3], [4]]
+    assert metrics.coinciding(curves, 0.001) == [[0], [1], [2], [3], [4]]
+    assert metrics.coinciding(curves, 1.0) == [[0, 1, 2], [3, 4]]  # |2 base - base| = max |base|: just within rtol = 1
+    # on linear axes a difference is measured against the curve's largest value; on log axes, point by point
+    decades = np.array([[1e-6, 1e-3, 1.0], [2e-6, 1e-3, 1.0]])  # the first point doubles: invisible on a linear axis
+    assert metrics.coinciding(decades, 0.01) == [[0, 1]]
+    assert metrics.coinciding(decades, 0.01, log=True) == [[0], [1]]
+    assert metrics.coinciding(decades, 1.01, log=True) == [[0, 1]]  # a factor 2 is within rtol = 1.01 on a log axis
+    # the comparison is with the group's first row, so a slow drift does not chain into one group
+    drift = np.array([[1.0], [1.008], [1.016], [1.024]])
+    assert metrics.coinciding(drift, 0.01) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError):
+        metrics.coinciding(np.ones(3), 0.01)
+    with pytest.raises(ValueError):
+        metrics.coinciding(-decades, 0.01, log=True)
+    with pytest.raises(ValueError):
+        metrics.coinciding(curves, float("nan"))

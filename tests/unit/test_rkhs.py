@@ -219,3 +219,98 @@ def test_slide_bounds_and_the_localisation_cap():
     assert cap == pytest.approx(((4 / 5 * 0.09) ** 2 / 4) * (2 / 15) ** 2 * math.exp(-2), rel=1e-3)
     with pytest.raises(ValueError, match="same length"):
         rkhs.localisation_cap(radii, m[:-1], M)
+
+
+def test_kernel_cap_and_the_features_that_carry_it():
+    x0 = rkhs.random_separated(6, 0.8, 2, seed=3)
+    b = torch.eye(1, 2, dtype=torch.float64)
+    radii = np.geomspace(1e-4, 1.0, 400)
+    cap, radius, lam0 = rkhs.kernel_ball_cap(x0, nu=NU, b=b, radii=radii)
+    lip = math.sqrt(rkhs.spectral_moments(NU)[0])
+    assert lam0 == pytest.approx(rkhs.min_eigenvalue(rkhs.matern_matrix(x0, None, NU)))
+    m, M = rkhs.ball_pl_bounds(radii, lam0=lam0, n=6, lip=lip, b=b)
+    assert (cap, radius) == rkhs.localisation_cap(radii, m, M)
+    # (sqrt(lam0) - sqrt(N) lip R)^4 R^2 is largest at R = sqrt(lam0) / (3 sqrt(N) lip); (1 - lip R)^4 e^{-2 lip R} moves it a little
+    assert radius == pytest.approx(math.sqrt(lam0) / (3 * math.sqrt(6) * lip), rel=0.1)
+    # many features: the model's own cap at that radius tends to the kernel's
+    wide = rkhs.FourierFeatures.matern(200_000, 2, NU, seed=1)
+    assert rkhs.features_cap(wide, x0, radius=radius, b=b) == pytest.approx(cap, rel=0.1)
+    assert rkhs.features_cap(wide, x0, radius=radius, b=b, lip=lip) == pytest.approx(cap, rel=0.05)
+    # the proposition's count: fewer than N/2 features give a singular kernel matrix (2p < N columns), so no draw passes
+    few = rkhs.feature_count(x0, nu=NU, b=b, ps=[1, 2], draws=3, radii=radii)
+    assert few.fraction == [0.0, 0.0] == few.fraction_lambda and few.p_star == math.inf == few.p_star_lambda
+    count = rkhs.feature_count(x0, nu=NU, b=b, ps=[2 ** k for k in range(2, 17)], draws=4, seed=2, radii=radii)
+    assert count.cap == cap and count.radius == radius and count.fraction[-2:] == [1.0, 1.0]
+    assert count.p_star_lambda <= count.p_star < math.inf  # the Lipschitz constant converges too
+    i = count.ps.index(count.p_star)
+    assert count.fraction[i] == 1 and (i == 0 or count.fraction[i - 1] < 1 or count.fraction[i - 2] < 1)
+    with pytest.raises(ValueError, match="ps"):
+        rkhs.feature_count(x0, nu=NU, b=b, ps=[], draws=2)
+
+
+def test_increasing_fit_floor_is_isotonic_regression():
+    x = np.linspace(-1.5, 1.5, 8)
+    assert rkhs.increasing_fit_floor(x, -x) == pytest.approx(np.var(x))  # y = -x: the best increasing map is the mean
+    assert rkhs.increasing_fit_floor(x, x**3) == 0  # an increasing target is fitted exactly
+    gen = np.random.default_rng(0)
+    for _ in range(20):  # against brute force: the best nondecreasing fit of 5 points over a fine grid of values
+        xs, ys = gen.permutation(5).astype(float), gen.normal(size=5)
+        floor = rkhs.increasing_fit_floor(xs, ys)
+        from sklearn.isotonic import IsotonicRegression
+        fit = IsotonicRegression().fit_transform(xs, ys)
+        assert floor == pytest.approx(np.mean((fit - ys) ** 2), abs=1e-12)
+        levels = np.sort(gen.uniform(-3, 3, size=(2000, 5)), axis=1)  # random nondecreasing fits are never better
+        assert (((levels - ys[np.argsort(xs)]) ** 2).mean(axis=1) >= floor - 1e-12).all()
+    with pytest.raises(ValueError, match="distinct"):
+        rkhs.increasing_fit_floor([0.0, 0.0], [1.0, 2.0])
+
+
+def test_keeps_order():
+    states = torch.tensor([[0.0, 1.0, 2.0], [0.1, 1.5, 1.6], [0.0, 3.0, 4.0]], dtype=torch.float64)[..., None]
+    assert rkhs.keeps_order(states)
+    states[1, 2, 0] = 1.4  # the last two points cross at the middle step
+    assert not rkhs.keeps_order(states)
+    with pytest.raises(ValueError, match="states"):
+        rkhs.keeps_order(torch.zeros(3, 4, 2))
+
+
+def test_relu_features_are_lipschitz_but_not_twice_differentiable():
+    relu = rkhs.ReLUFeatures.gaussian(50, 3, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    x0, u = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    kinks = relu.kinks(x0, u)
+    assert torch.diag(relu.weight @ (x0[:, None] + kinks[None] * u[:, None])).abs().max() < 1e-12  # feature j vanishes at s_j
+    for _ in range(5):  # |D phi(x)| <= lipschitz() everywhere
+        x = torch.randn(3, generator=gen, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda z: relu(z[None])[0], x)
+        assert torch.linalg.matrix_norm(jac, ord=2).item() <= relu.lipschitz() + 1e-12
+    # centred at a kink, the second difference of v = theta . phi is |theta_j| |w_j . u| h / sqrt(p): q2 ~ 1/h
+    theta = torch.randn(1, 50, generator=gen, dtype=torch.float64)
+    j = int(torch.argmin(kinks.abs()))
+    gaps = (kinks - kinks[j]).abs()
+    gaps[j] = float("inf")
+    hs = np.array([1e-3, 1e-4, 1e-5]) * min(1.0, gaps.min().item())
+    q1, q2 = rkhs.difference_quotients(lambda z: relu(z) @ theta.T, x0, u, kinks[j:j + 1], hs)
+    exact = theta[0, j].abs().item() * abs((relu.weight[j] @ u).item()) / math.sqrt(50)
+    np.testing.assert_allclose(q2 * hs, exact, rtol=1e-6)
+    assert (q1 <= relu.lipschitz() * theta.norm().item() + 1e-12).all()
+
+
+def test_difference_quotients_of_smooth_fields():
+    gen = torch.Generator().manual_seed(3)
+    a, e = torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen, dtype=torch.float64)
+    x0, u = torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    quadratic = lambda z: (z @ a)[:, None] ** 2 * e[None]  # noqa: E731  D^2 v[u, u] = 2 (a.u)^2 e, constant
+    q1, q2 = rkhs.difference_quotients(quadratic, x0, u, np.linspace(-1, 1, 11), [1e-1, 1e-2])
+    np.testing.assert_allclose(q2, 2 * (a @ u).item() ** 2 * e.norm().item(), rtol=1e-6)
+    # Fourier features: q2 stays under sup |D^2 phi| |Theta| and settles as h -> 0 (Condition 1)
+    f = rkhs.FourierFeatures.matern(300, 4, NU, seed=4)
+    theta = torch.randn(2, f.width, generator=gen, dtype=torch.float64)
+    theta /= theta.norm()
+    q1, q2 = rkhs.difference_quotients(lambda z: f(z) @ theta.T, x0, u, np.linspace(-1, 1, 201), [1e-2, 1e-3, 1e-4])
+    assert (q2 <= f.regularity()[2] + 1e-9).all() and (q1 <= f.lipschitz() + 1e-9).all()
+    assert q2[-1] == pytest.approx(q2[-2], rel=1e-3)
+    with pytest.raises(ValueError, match="hs"):
+        rkhs.difference_quotients(quadratic, x0, u, [0.0], [0.0])

@@ -105,3 +105,44 @@ def test_train_depths_caches_and_resumes(tmp_path):
     assert np.array_equal(first[5].epoch_losses, again[5].epoch_losses)
     with pytest.raises(ValueError, match="trained with"):
         sgd.train_depths(x, y, [3], "tanh", "shared", cache=tmp_path, batch_size=4, max_updates=3, lr=0.2)
+
+
+@pytest.mark.parametrize("activation,delta", [("tanh", "shared"), ("relu", "layer")])
+def test_states_and_quadratic_sum_match_a_plain_loop(activation, delta):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    weights = sgd.init_weights(4, 3, delta, scale=20.0, seed=4)
+    weights["delta"] = weights["delta"] * 3
+    sigma = torch.tanh if activation == "tanh" else torch.relu
+    h, expected_states, total = x, [x], torch.zeros(5, dtype=torch.float64)
+    for k in range(4):
+        z = h @ weights["A"][k].T + weights["b"][k]
+        d = weights["delta"].abs() if delta == "shared" else weights["delta"][k]
+        total += (d.abs() if delta == "shared" else d * d) * z.square().sum(-1)  # |delta| |z|^2, or |delta z|^2
+        h = h + d * sigma(z)
+        expected_states.append(h)
+    torch.testing.assert_close(sgd.states(x, weights, activation), torch.stack(expected_states))
+    torch.testing.assert_close(sgd.quadratic_sum(x, weights, activation), total.mean())
+    if delta == "layer":  # Remark 2's form (sign(delta_k), |delta_k| A_k, |delta_k| b_k): the same network, the same sum
+        rebuilt = sgd.with_residual(weights, *sgd.residual_scale(weights))
+        torch.testing.assert_close(sgd.states(x, rebuilt, "relu"), sgd.states(x, weights, "relu"))
+        torch.testing.assert_close(sgd.quadratic_sum(x, rebuilt, "relu"), total.mean())
+
+
+def test_second_order_term_is_what_the_quadratic_sum_measures():
+    """For small weights, sigma_c = tanh + (c/2) tanh^2 adds (c/2) |delta| sum_k z_k^2 to the output of the tanh
+    network, up to higher orders: the output shift, summed over coordinates and averaged, is c/2 times the sum."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64) / 3
+    weights = sgd.init_weights(16, 3, "shared", scale=1.0, seed=6)
+    weights["delta"] = torch.tensor(1 / 16, dtype=torch.float64)
+    weights["A"], weights["b"] = weights["A"] * 16 * 3 * 0.02, weights["b"] * 16 * 0.02  # |z_k| ~ 0.02
+    c, h, h_tanh = 1.0, x, x
+    for k in range(16):
+        h = h + weights["delta"] * (lambda t: t + c / 2 * t * t)(torch.tanh(h @ weights["A"][k].T + weights["b"][k]))
+        h_tanh = h_tanh + weights["delta"] * torch.tanh(h_tanh @ weights["A"][k].T + weights["b"][k])
+    shift = (h - h_tanh).sum(-1).mean()
+    assert float(shift) == pytest.approx(c / 2 * float(sgd.quadratic_sum(x, weights, "tanh")), rel=0.05)
+    # the linear network (identity activation) differs from the tanh one at third order only
+    gap = (sgd.states(x, weights, "tanh")[-1] - sgd.states(x, weights, "identity")[-1]).abs().max()
+    assert float(gap) < 1e-2 * float(shift)

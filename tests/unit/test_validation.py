@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resnode import engine, init, models, ode, polyak, train
+from resnode import engine, init, models, ode, polyak, regimes, sde, train
 
 ANY = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
                 st.text(max_size=5), st.just(np.int64(3)), st.just(np.float64("nan")))
@@ -94,3 +94,22 @@ def test_training_that_diverges_stops_and_names_the_step_size_to_lower():
     # and a converging run is left alone
     _, losses = polyak.descend(lambda th: (th**2).sum(), torch.ones(3, dtype=torch.float64), 0.25, 50)
     assert losses[-1] < 1e-10
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: sde.CurvedTanh(float("nan")), "curvature"),
+    (lambda: sde.CurvedTanh(float("inf")), "curvature"),
+    (lambda: regimes.exponent([4, 8, 16], [1.0, 2.0, 3.0], statistic="cumsun"), "statistic"),
+])
+def test_more_bad_values_are_refused_by_name(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_matern_at_the_ends_of_its_range():
+    from resnode import rkhs
+
+    k = rkhs.matern([0.0, float("inf")], 3.0)
+    assert k[0] == 1.0 and k[1] == 0.0  # the limits, not 1.0 for both as nan_to_num made them
+    with pytest.raises(ValueError, match="NaN"):
+        rkhs.matern([float("nan")], 3.0)

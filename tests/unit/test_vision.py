@@ -103,3 +103,23 @@ def test_unknown_schedule_is_refused():
     net = vision.TinyResNet(1, in_channels=1, classes=3)
     with pytest.raises(ValueError, match="schedule"):
         vision.train_classifier(net, images(), images(), epochs=1, schedule="linear")
+
+
+def test_clipping_scales_the_gradient_to_the_given_norm_and_leaves_small_ones_alone():
+    torch.manual_seed(2)
+    x, y = torch.randn(12, 1, 4, 4, dtype=torch.float64), torch.arange(12) % 3
+    steps = {}
+    for clip in (None, 1e-3, 1e3):
+        torch.manual_seed(0)
+        net = conv_regimes.RegimeResNet((1,), (4,), in_channels=1, classes=3).double()  # float64: exact differences
+        before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+        plain = torch.optim.SGD(net.parameters(), lr=1.0)  # no momentum, no weight decay: the step is minus the gradient
+        vision.sgd_epoch(net, plain, [(x, y)], clip_norm=clip)
+        steps[clip] = before - torch.cat([p.detach().flatten() for p in net.parameters()])
+    raw = steps[None].norm()
+    assert raw > 1e-3
+    assert steps[1e-3].norm() == pytest.approx(1e-3, rel=1e-4)  # scaled to the clip norm (torch divides by norm + 1e-6) ...
+    torch.testing.assert_close(steps[1e-3] / steps[1e-3].norm(), steps[None] / raw)  # ... in the same direction
+    torch.testing.assert_close(steps[1e3], steps[None])  # a larger clip norm changes nothing
+    with pytest.raises(ValueError, match="clip_norm"):
+        vision.train_classifier(net, images(), images(), epochs=1, clip_norm=0.0)
