@@ -395,14 +395,16 @@ def crop_and_flip(x: Tensor, generator: torch.Generator, padding: int = 4, flip:
     """Random ``HxW`` crop of each image zero-padded by ``padding`` on every side, and a horizontal flip with
     probability 1/2 (torchvision's ``RandomCrop(size, padding)`` and ``RandomHorizontalFlip``, batched)."""
     b, c, h, w = x.shape
+    device = x.device  # the draws come from a CPU generator, the indexing runs where x is
     if padding:
         x = nn.functional.pad(x, (padding,) * 4)
-        dy, dx = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-        x = x[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        dy, dx = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        x = x[torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None],
+              rows, cols]
     if flip:
-        flips = torch.rand(b, generator=generator) < 0.5
+        flips = (torch.rand(b, generator=generator) < 0.5).to(device)
         x = torch.where(flips[:, None, None, None], x.flip(-1), x)
     return x
 

@@ -130,8 +130,7 @@ def gradient_flow(thetas: Tensor, target: Tensor, covariance: Tensor, time: floa
             scaled = depth**2 * torch.linalg.matrix_norm(gradient).square()  # N^2 ||grad_n||_F^2 for each n
             record.times.append(step * dt)
             record.loss.append(loss.item())
-            record.max_increment.append(depth * torch.linalg.matrix_norm(theta.diff(dim=0), ord=2).max().item()
-                                        if depth > 1 else 0.0)
+            record.max_increment.append(depth * spectral(theta.diff(dim=0)).max().item() if depth > 1 else 0.0)
             record.max_norm.append(spectral(theta).max().item())
             moved = theta - thetas
             record.max_moved.append(spectral(moved).max().item())

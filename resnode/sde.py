@@ -393,47 +393,6 @@ def backprop_limit(J: Tensor) -> Tensor:
     return J[-1] @ torch.linalg.inv(J)
 
 
-def backward_jacobian(drift: SmoothDrift, noise: Noise, curvature: float, states: Tensor, grid: BrownianGrid,
-                      out_steps: int, stratonovich: bool = True) -> Tensor:
-    """``K_t = dH_1 / dH_t`` for Thm 3's SDE (4.19) from the backward SDE of Li et al. (2020), Section 5.3.1.
-
-    Li et al.'s adjoint equation is written for a Stratonovich SDE ``dH = b_S(t, H) dt + sum_j G_j(H) o dB^j``:
-    ``dK_t = -K_t grad b_S(t, H_t) dt - sum_j K_t grad G_j(H_t) o dB^j_t``, ``K_1 = I``, solved backward in time (our
-    reconstruction of (5.13)). For (4.19), ``G_j o dB^j`` sums to ``dW^A H + dW^b``, so ``sum_j grad G_j o dB^j = dW^A``,
-    and the Stratonovich drift is the Itô one minus ``1/2 sum_j (grad G_j) G_j = s_A^2 H / 2``:
-    ``grad b_S = Abar_t + sigma''(0)/2 grad q(H_t) - s_A^2 / 2 I``. ``stratonovich=False`` leaves that ``-s_A^2/2 I``
-    out, which is the same equation with (4.19)'s Itô coefficients read as Stratonovich ones.
-
-    ``states``: ``H`` at ``k / n``, ``k = 0..n`` (``(n + 1, P, d)``, the states of the forward solve, used in place of
-    Li et al.'s backward reconstruction; ``n`` divides ``grid.steps``). The equation is solved by Heun's scheme, which
-    converges to the Stratonovich solution, on the ``n`` steps of ``grid``'s path. Returns ``K`` at
-    ``k / out_steps`` (``out_steps`` dividing ``n``): ``(out_steps + 1, P, d, d)``, ``K_1 = I``. By the chain rule
-    ``K_t = J_1 J_t^{-1}`` (:func:`backprop_limit`) in the limit of small steps.
-    """
-    n = states.shape[0] - 1
-    if n < 1 or grid.steps % n:
-        raise ValueError(f"states must be given at k/n, k = 0..n, with n dividing the grid's {grid.steps} steps; "
-                         f"got {states.shape[0]} rows")
-    if n % _checks.positive_int("out_steps", out_steps):
-        raise ValueError(f"out_steps {out_steps} must divide the {n} steps of the states")
-    every, d = n // out_steps, noise.dim
-    dA = noise.split(grid.coarse(n))[0]  # (n, P, d, d)
-    As = drift(torch.arange(n + 1, dtype=states.dtype) / n)[0]  # (n + 1, d, d)
-    shift = 0.5 * noise.s_A**2 * torch.eye(d, dtype=states.dtype) if stratonovich else 0.0
-    c, dt = 0.5 * float(curvature), 1.0 / n
-
-    rates = dt * (As[:, None] + c * noise.q_jacobian(states) - shift)  # grad b_S(t_k, H_k) dt, (n + 1, P, d, d)
-    right, left = rates[1:] + dA, rates[:-1] + dA  # step k's field at its right and left ends
-    K = torch.eye(d, dtype=states.dtype).expand(*states.shape[1:-1], d, d).clone()
-    out = [K]
-    for k in range(n - 1, -1, -1):  # from t_{k+1} back to t_k: predictor K + K right, then the trapezoid
-        moved = K @ right[k]
-        K = K + 0.5 * (moved + (K + moved) @ left[k])
-        if k % every == 0:
-            out.append(K)
-    return torch.stack(out[::-1])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Errors
 
@@ -462,4 +421,4 @@ def strong_error(approx: Tensor, limit: Tensor, p: float = 2.0, matrix: bool = F
 
 __all__ = ["CurvedTanh", "BrownianGrid", "GridBrownian", "SmoothDrift", "Noise", "regime1_weights",
            "regime2_weights", "resnet", "resnet_jacobians", "LimitSDE", "solve_sde", "euler_maruyama", "solve_ode",
-           "backprop_limit", "backward_jacobian", "on_grid", "strong_error"]
+           "backprop_limit", "on_grid", "strong_error"]

@@ -100,31 +100,6 @@ def mse(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str) -> Te
     return (trace.states[-1] - y).square().mean((-2, -1))
 
 
-def states(x: Tensor, weights: dict[str, Tensor], activation: str) -> Tensor:
-    """Every hidden state ``h_0 = x, ..., h_L`` of the network on ``x``: ``(L + 1, [S,] n, d)``. ``activation`` may
-    also be ``"identity"``: the *linear network* with the same weights."""
-    trace = engine.forward(x, weights["A"], layer_scalars(weights), weights["b"], engine.Residual(activation))
-    return trace.states.clone()
-
-
-def quadratic_sum(x: Tensor, weights: dict[str, Tensor], activation: str) -> Tensor:
-    """The sum that ``sigma''(0) / 2`` multiplies in the second-order expansion of the residuals, averaged over ``x``:
-    ``(1/n) sum_i sum_k |delta_k| |z_k(x_i)|^2`` with ``z_k = A_k h_k + b_k`` (``()`` or ``(S,)``).
-
-    With one ``delta_k`` per layer the layers are written as Remark 2 writes them for a 1-homogeneous ``sigma``,
-    ``sign(delta_k) sigma(|delta_k| z_k)`` (:func:`residual_scale`), so the sum is ``sum_k |delta_k z_k|^2``. For a smooth
-    ``sigma`` this is, up to ``sigma''(0) / 2``, what the layers add beyond their linearisation: it vanishes in the ODE
-    limits (Thm 1's linear case, like ``L^-beta``; Thm 2) and tends to ``int_0^1 q(H_t) dt > 0``, the Itô sum, in the
-    SDE limit (Thm 3) of Cont, Rossier & Xu. ``activation`` computes the states ``h_k``.
-    """
-    h = states(x, weights, activation)[:-1]  # (L, [S,] n, d)
-    z = (h @ weights["A"].mT) + weights["b"][..., None, :]
-    scale = layer_scalars(weights).abs()
-    if _delta_kind(weights) == "layer":
-        scale = scale.square()
-    return (scale[..., None] * z.square().sum(-1)).sum(0).mean(-1)
-
-
 @dataclass
 class Run:
     """A trained network: its ``weights``, the mean mini-batch loss of each epoch (``(epochs, [S])``) and the
@@ -278,5 +253,5 @@ def with_residual(weights: dict[str, Tensor], A: Tensor, b: Tensor) -> dict[str,
     return {"A": A, "b": b, "delta": torch.sign(weights["delta"])}
 
 
-__all__ = ["DELTAS", "OPTIMIZERS", "depth_grid", "init_weights", "layer_scalars", "loss_and_grads", "mse", "states",
-           "quadratic_sum", "Run", "train", "train_depths", "residual_scale", "with_residual"]
+__all__ = ["DELTAS", "OPTIMIZERS", "depth_grid", "init_weights", "layer_scalars", "loss_and_grads", "mse", "Run", "train",
+           "train_depths", "residual_scale", "with_residual"]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import _checks
 from .adjoint import ResidualStack
 from .data import Dataset
+from .images import crop_and_flip
 
 
 class ConvBlock(nn.Module):
@@ -68,19 +69,6 @@ def error_rate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float
 
 
 SCHEDULES = ("step", "cosine")
-
-
-def augment(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """Random crop after zero padding by ``padding`` and random horizontal flip (the kuangliu CIFAR transforms)."""
-    b, _, h, w = x.shape
-    padded = nn.functional.pad(x, (padding,) * 4)
-    dy, dx = (torch.randint(0, 2 * padding + 1, (2, b), generator=generator)).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
-                 rows, cols]
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 def sgd_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, batches, epoch: int = 0,
@@ -156,7 +144,7 @@ def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: in
         batches = ((train.inputs[i].to(device), train.targets[i].to(device)) for i in order.split(batch_size))
         if augmentation:
             crops = torch.Generator().manual_seed(seed + 1 + epoch)
-            batches = ((augment(x, crops), y) for x, y in batches)
+            batches = ((crop_and_flip(x, crops), y) for x, y in batches)
         history["loss"].append(sgd_epoch(model, optimiser, batches, epoch, clip_norm))
         scheduler.step()
         history["seconds"].append(time.perf_counter() - start)
@@ -167,4 +155,4 @@ def train_classifier(model: nn.Module, train: Dataset, test: Dataset, epochs: in
     return history
 
 
-__all__ = ["ConvBlock", "TinyResNet", "SCHEDULES", "augment", "sgd_epoch", "error_rate", "train_classifier"]
+__all__ = ["ConvBlock", "TinyResNet", "SCHEDULES", "sgd_epoch", "error_rate", "train_classifier"]

@@ -36,3 +36,11 @@ def test_reconstruction_error_runs_on_the_inputs_device(device, method):
     stack = adjoint.ResidualStack(blocks, method=method).to(device)
     error = adjoint.reconstruction_error(torch.randn(4, 3, device=device), list(stack.blocks), method=method)
     assert error.device.type == device and error.shape == (4,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_and_flips_run_on_the_images_device(device):
+    from resnode import images
+
+    out = images.crop_and_flip(torch.randn(4, 3, 8, 8, device=device), torch.Generator().manual_seed(0), padding=2)
+    assert out.device.type == device and out.shape == (4, 3, 8, 8)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torchsde
 
 from resnode import metrics, sde
 
@@ -147,62 +146,3 @@ def test_explosion_scale_is_where_the_ito_drift_alone_blows_up():
             break
     assert k / steps < 1 / 1.1 + 0.01
 
-
-def test_backward_jacobian_solves_li_et_al_backward_sde_in_closed_form():
-    """d = 1, sigma''(0) = 0: dH = (Abar H + bbar) dt + s_A H dB^A + s_b dB^b, so dH_1/dH_t = exp(int_t^1 Abar ds
-    - s_A^2 (1 - t) / 2 + s_A (B^A_1 - B^A_t)) (Ito's -s_A^2/2); Heun's scheme on the Stratonovich form converges to it at
-    rate 1 (one noise channel acts on K: commutative noise), and the form without the -s_A^2/2 shift does not."""
-    g = torch.Generator().manual_seed(6)
-    drift = sde.SmoothDrift.sample(1, scale=0.5, generator=g)
-    noise = sde.Noise(1, 0.6, 0.3)
-    grid = sde.BrownianGrid.sample(2048, 64, noise.channels, generator=g)
-    M0, M1, M2 = drift.matrices[:, 0, 0]
-    t = torch.linspace(0, 1, 65, dtype=torch.float64)
-    integral = M0 * (1 - t) - M1 * torch.sin(math.pi * t) / math.pi + M2 * (torch.cos(2 * math.pi * t) - 1) / (2 * math.pi)
-    B = sde.on_grid(grid.path(), 64)[..., 0]  # B^A at k / 64, (65, P)
-    exact = torch.exp(integral[:, None] - 0.5 * noise.s_A**2 * (1 - t)[:, None] + noise.s_A * (B[-1] - B))[..., None, None]
-    x = torch.tensor([0.7], dtype=torch.float64)
-    steps, errors = [128, 512, 2048], []
-    for n in steps:
-        H, _ = sde.euler_maruyama(drift, noise, 0.0, x, grid, n)
-        errors.append(sde.strong_error(sde.backward_jacobian(drift, noise, 0.0, H, grid, 64), exact, matrix=True))
-    assert abs(metrics.loglog_slope(steps, errors) + 1) < 0.15 and errors[-1] < 1e-3
-    naive = sde.backward_jacobian(drift, noise, 0.0, H, grid, 64, stratonovich=False)
-    assert sde.strong_error(naive, exact, matrix=True) > 100 * errors[-1]
-    with pytest.raises(ValueError, match="divide"):
-        sde.backward_jacobian(drift, noise, 0.0, H, grid, 3)
-
-
-def test_backward_jacobian_matches_torchsde_adjoint_and_the_forward_variation():
-    """Li et al.'s adjoint as torchsde implements it (sdeint_adjoint: the Stratonovich form of (4.19), states
-    reconstructed backward) gives d(H_1)_i / dH_0 = K_0's row i; and K_t = J_1 J_t^{-1} from the forward variation."""
-    g = torch.Generator().manual_seed(7)
-    drift = sde.SmoothDrift.sample(2, scale=0.5, generator=g)
-    noise = sde.Noise(2, 0.3, 0.5)
-    N, P = 1024, 8
-    grid = sde.BrownianGrid.sample(N, P, noise.channels, generator=g)
-    x = torch.tensor([0.5, -0.3], dtype=torch.float64)
-
-    class Stratonovich(torch.nn.Module):
-        noise_type, sde_type = "general", "stratonovich"
-
-        def f(self, t, h):
-            A, b = drift(t)
-            return h @ A.T + b + 0.5 * noise.q(h) - 0.5 * noise.s_A**2 * h
-
-        def g(self, t, h):
-            return noise.diffusion(h)
-
-    rows = []
-    for i in range(2):
-        y0 = x.expand(P, 2).clone().requires_grad_(True)
-        ys = torchsde.sdeint_adjoint(Stratonovich(), y0, torch.tensor([0.0, 1.0], dtype=torch.float64),
-                                     bm=sde.GridBrownian(grid), method="midpoint", adjoint_method="midpoint", dt=1.0 / N,
-                                     adjoint_params=())
-        rows.append(torch.autograd.grad(ys[-1][:, i].sum(), y0)[0])
-    H, J = sde.euler_maruyama(drift, noise, 1.0, x, grid, N, jacobian=True)
-    K = sde.backward_jacobian(drift, noise, 1.0, H, grid, 16)
-    torch.testing.assert_close(K[0], torch.stack(rows, 1), atol=3e-3, rtol=0)
-    limit = sde.on_grid(sde.backprop_limit(J), 16)
-    assert sde.strong_error(K, limit, matrix=True) < 0.02 < sde.strong_error(
-        sde.backward_jacobian(drift, noise, 1.0, H, grid, 16, stratonovich=False), limit, matrix=True)
