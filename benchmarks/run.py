@@ -5,13 +5,14 @@ Sections (all by default; ``--only`` picks some):
 - ``engine``: one full-batch gradient step (forward, loss, backward) of Marion et al.'s residual network
   (GELU perceptron, q = 16, m = 32, n = 100, float32) at L = 64, 1024, 16384: the fused engine
   (``resnode.engine``, its depth loops compiled, and through torch as on a GPU or without a C compiler)
-  against autograd looping over ``unbind()`` and autograd indexing the stacked tensor ``W[k]`` (quadratic
-  backward, so skipped beyond L = 1024); time per step against L with the
+  against autograd looping over ``unbind()``, the same loop under ``torch.compile`` (the whole loop, unrolled into
+  one graph; L = 1024, with its compilation time), and
+  autograd indexing the stacked tensor ``W[k]`` (quadratic backward, so skipped beyond L = 1024); time per step against L with the
   fitted exponent; peak memory of a 500-iteration L = 16384 gradient-flow run with the recorders of the
   Fig. 1 chapter (a child process; its peak resident memory over an idle child's).
-- ``adjoint``: one forward + backward of a depth-1000 Euler ResNet (tanh perceptron, 256 inputs): exact
-  backprop, ``resnode.adjoint``, ``torch.utils.checkpoint``, torchdiffeq's ``odeint_adjoint``; time and the
-  bytes autograd keeps for the backward.
+- ``adjoint``: one forward + backward of a depth-1000 Euler ``resnode.ResNet`` (an ``nn.Module`` tanh perceptron
+  block, 256 inputs) with ``backward="backprop"``, ``"adjoint"``, ``"checkpoint"``, against torchdiffeq's
+  ``odeint_adjoint``; and the same with stacked weights; time and the bytes autograd keeps for the backward.
 - ``images``: training throughput (images/s through ``resnode.images.fit``) of Marion et al.'s CIFAR network and of a
   narrow ResNet-101 layout, eager float32 against the fast path (channels_last, bf16 autocast, and ``torch.compile``
   with ``--compile``), and the memory a training step keeps with the adjoint in stage 3 against backprop
@@ -115,8 +116,20 @@ def step_runners(depth: int) -> dict:
         (h - y).square().sum(-1).mean().backward()
         Wp.grad = Vp.grad = None
 
+    def loss(V, W):
+        h = x
+        for Vk, Wk in zip(V.unbind(0), W.unbind(0)):
+            h = h + spec.step * perceptron(h, Vk, Wk)
+        return (h - y).square().sum(-1).mean()
+
+    compiled_loss = torch.compile(loss, dynamic=False)  # the whole loop, unrolled into one graph on the first call
+
+    def compiled():
+        compiled_loss(Vp, Wp).backward()
+        Wp.grad = Vp.grad = None
+
     return {"engine": fused, "engine-torch-loops": fused_torch_loops, "autograd-unbind": unbind,
-            "autograd-indexed": indexed}
+            "autograd-indexed": indexed, "autograd-unbind-torch.compile": compiled}
 
 
 def check_agreement(depth: int) -> dict[str, float]:
@@ -150,12 +163,19 @@ def engine_section(smoke: bool) -> list[dict]:
         times["autograd-unbind"] = median_time(runners["autograd-unbind"], repeats)
         if depth <= 1024:
             times["autograd-indexed"] = median_time(runners["autograd-indexed"], 1 if depth > 64 else repeats)
+        extra = {}
+        if depth == (16 if smoke else 1024):
+            start = time.perf_counter()
+            runners["autograd-unbind-torch.compile"]()  # compiles
+            extra["compile_s"] = time.perf_counter() - start
+            times["autograd-unbind-torch.compile"] = median_time(runners["autograd-unbind-torch.compile"], repeats)
         agreement = check_agreement(depth)
         for ours, baseline in (("engine", "autograd-unbind"), ("engine", "autograd-indexed"),
-                               ("engine-torch-loops", "autograd-unbind")):
+                               ("engine", "autograd-unbind-torch.compile"), ("engine-torch-loops", "autograd-unbind")):
             if baseline in times:
                 out.append(record("engine", f"{ours} vs {baseline}", f"{config}, L={depth}", times[ours],
-                                  baseline, times[baseline], depth=depth, max_relative_difference=agreement[ours]))
+                                  baseline, times[baseline], depth=depth, max_relative_difference=agreement[ours],
+                                  **(extra if baseline.endswith("compile") else {})))
     grid = (8, 16, 32) if smoke else (64, 256, 1024, 4096, 16384)
     per_step = []
     for depth in grid:
@@ -199,26 +219,43 @@ def peak_memory_record(steps: int, depth: int) -> dict:
 # --- adjoint ------------------------------------------------------------------------------------------
 
 def adjoint_section(smoke: bool) -> list[dict]:
+    """``resnode.ResNet`` with an ``nn.Module`` block (a tanh perceptron with biases) and each backward pass, against
+    torchdiffeq's ``odeint_adjoint`` over the same blocks; and the same ResNet with its weights stacked across depth
+    (``models.Perceptron``), whose adjoint differentiates slices of the stacked tensors."""
     depth, repeats = (32, 1) if smoke else (1000, 5)
-    perceptron = models.Perceptron(dim=16, width=32, activation="tanh")
-    weights = init.init_weights("smooth", depth, perceptron.shapes, lengthscale=0.3, std=0.7,
-                                generator=torch.Generator().manual_seed(0))
-    blocks = adjoint.layers(perceptron, weights)
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+    net = resnode.ResNet(block, depth)
+    stacked = resnode.ResNet(models.Perceptron(dim=16, width=32, activation="tanh"), depth, init="smooth",
+                             lengthscale=0.3, std=0.7, generator=torch.Generator().manual_seed(0))
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+    def front_door(network, backward):
+        def run():
+            network.backward = backward
+            return network(x)
+        return run
+
     runners = {
-        "backprop": lambda: adjoint.integrate(x, blocks, mode="backprop"),
-        "adjoint-euler": lambda: adjoint.integrate(x, blocks, mode="adjoint"),
-        "checkpoint-sqrtN": lambda: adjoint.checkpointed(x, blocks, segments=round(math.sqrt(depth))),
-        "torchdiffeq-odeint_adjoint": lambda: adjoint.torchdiffeq_adjoint(x, blocks),
+        "backprop": front_door(net, "backprop"),
+        "adjoint-euler": front_door(net, "adjoint"),
+        "checkpoint-sqrtN": front_door(net, "checkpoint"),
+        "torchdiffeq-odeint_adjoint": lambda: adjoint.torchdiffeq_adjoint(x, list(net.blocks)),
+        "stacked weights: backprop": front_door(stacked, "backprop"),
+        "stacked weights: adjoint-euler": front_door(stacked, "adjoint"),
     }
     times, memory = {}, {}
     for name, run in runners.items():
         memory[name] = adjoint.saved_tensor_bytes(lambda: run().square().sum())
         times[name] = median_time(lambda: run().square().sum().backward(), repeats)
-    config = f"Euler ResNet, perceptron q=16 m=32 tanh, depth {depth}, 256 inputs, float32, forward + backward"
-    return [record("adjoint", name, config, times[name], "backprop", times["backprop"],
-                   time_over_backprop=times[name] / times["backprop"], saved_bytes=memory[name],
-                   memory_over_backprop=memory[name] / memory["backprop"]) for name in runners]
+    out = []
+    for name in runners:
+        base = "stacked weights: backprop" if name.startswith("stacked") else "backprop"
+        kind = "stacked Perceptron weights" if name.startswith("stacked") else "nn.Module block Linear-Tanh-Linear"
+        config = (f"resnode.ResNet, Euler, {kind}, q=16 m=32, depth {depth}, 256 inputs, float32, forward + backward")
+        out.append(record("adjoint", name, config, times[name], base, times[base], time_over_backprop=times[name] / times[base],
+                          saved_bytes=memory[name], memory_over_backprop=memory[name] / memory[base]))
+    return out
 
 
 # --- images -------------------------------------------------------------------------------------------

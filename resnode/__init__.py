@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("adjoint", "checkpoints", "conv_regimes", "data", "engine", "flow", "images", "init", "linear", "metrics",
                "models", "native", "ode", "plotting", "polyak", "profiles", "records", "recorders", "regimes", "rkhs",
-               "sde", "sgd", "sweep", "tangent_kernel", "train", "vision")
+               "sde", "sgd", "sweep", "tangent_kernel", "train")
 
 __all__ = [*_SUBMODULES, "ResNet", "euler", "heun", "step_size", "__version__"]
 

@@ -4,11 +4,13 @@ The forward pass keeps only the output. The backward pass walks the layers backw
 each input from the next state, by reverse-time Euler (eq. (6)) ``x_n ~ x_{n+1} - f_n(x_{n+1}) / N``
 or by the Heun inverse (eq. (9)), then takes one vector-Jacobian product per step (eq. (7)) at the
 rebuilt input. Memory is constant in depth; the gradients are approximate, with errors that vanish
-with depth at the orders of Props 4 and 6. ``mode="backprop"`` runs the same network with exact
-autograd, as the reference.
+with depth at the orders of Props 4 and 6. ``backward="backprop"`` runs the same network with exact
+autograd, as the reference, and ``backward="checkpoint"`` with :func:`torch.utils.checkpoint` (exact, memory
+``O(sqrt(N))``).
 
 Blocks are any ``nn.Module`` objects (fully connected layers, conv blocks with batch norm, the same module
-repeated for weight tying). Batch norm keeps its training-mode semantics: the backward pass uses
+repeated for weight tying), or the layers of stacked weights (:class:`StackedLayers`, as
+:class:`resnode.models.ResNet` holds them). Batch norm keeps its training-mode semantics: the backward pass uses
 batch statistics of the rebuilt inputs and does not update the running statistics a second time.
 """
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from . import _checks
 
 METHODS = ("euler", "heun")
-MODES = ("adjoint", "backprop")
+BACKWARDS = ("backprop", "adjoint", "checkpoint")
 
 
 def num_steps(method: str, blocks: Sequence[nn.Module]) -> int:
@@ -55,7 +57,8 @@ def inverse_step(method: str, blocks: Sequence[nn.Module], n: int, x: Tensor, st
 @contextlib.contextmanager
 def frozen_running_stats(blocks: Sequence[nn.Module]):
     """Batch norms use batch statistics but leave their running statistics alone (momentum 0) inside."""
-    norms = {id(m): m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    norms = {id(m): m for b in blocks if isinstance(b, nn.Module) for m in b.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     saved = {key: m.momentum for key, m in norms.items()}
     try:
         for m in norms.values():
@@ -76,8 +79,43 @@ def _unique_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+class StackedLayers(Sequence):
+    """The layers of stacked weights as blocks: block ``n`` is ``h -> residual(h, *(w[n] for w in weights))``.
+
+    ``own`` replaces the weights of some layers (the backward pass gives them leaf copies that collect gradients).
+    Built by :class:`resnode.models.ResNet` for its adjoint and checkpointed backward passes."""
+
+    def __init__(self, residual: Callable, weights: Sequence[Tensor], own: dict[int, tuple[Tensor, ...]] | None = None):
+        self.residual, self.weights, self.own = residual, tuple(weights), own or {}
+
+    def __len__(self) -> int:
+        return len(self.weights[0])
+
+    def __getitem__(self, n: int) -> Callable[[Tensor], Tensor]:
+        theta = self.own[n] if n in self.own else tuple(w[n] for w in self.weights)
+        return lambda h: self.residual(h, *theta)
+
+
+def _reverse_sweep(x: Tensor, grad: Tensor, method: str, step: float, blocks: Sequence, local) -> Tensor:
+    """The backward pass of the adjoint: from the output ``x`` and its cotangent ``grad``, rebuild each step's input
+    (eq. (6) or (9)) and take the step's vector-Jacobian product there (eq. (7)). ``local(n)`` gives the blocks to
+    differentiate step ``n`` with, the tensors whose gradients it needs, and a function receiving those gradients.
+    Returns the cotangent of the input."""
+    for n in reversed(range(num_steps(method, blocks))):
+        with torch.no_grad():
+            x = inverse_step(method, blocks, n, x, step)
+        step_blocks, tensors, receive = local(n)
+        with torch.enable_grad():
+            rebuilt = x.detach().requires_grad_()
+            out = forward_step(method, step_blocks, n, rebuilt, step)
+            vjps = torch.autograd.grad(out, [rebuilt, *tensors], grad, allow_unused=True)
+        grad = vjps[0]
+        receive(vjps[1:])
+    return grad
+
+
 class _Reconstructed(torch.autograd.Function):
-    """Forward without storing activations; backward by reconstruction (eqs. (6)/(9)) and per-step vjps (eq. (7))."""
+    """Module blocks: forward without storing activations; backward by :func:`_reverse_sweep`."""
 
     @staticmethod
     def forward(ctx, x, method, blocks, step, *parameters):
@@ -91,39 +129,76 @@ class _Reconstructed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        method, blocks, step = ctx.method, ctx.blocks, ctx.step
+        method, blocks = ctx.method, ctx.blocks
         parameters = _unique_parameters(blocks)
         index = {id(p): i for i, p in enumerate(parameters)}
         grads: list[Tensor | None] = [None] * len(parameters)
         own = [list(block.parameters()) for block in blocks]
-        with frozen_running_stats(blocks):
-            for n in reversed(range(num_steps(method, blocks))):
-                with torch.no_grad():
-                    x = inverse_step(method, blocks, n, x, step)
-                local = own[n] + [p for p in own[n + 1] if all(p is not q for q in own[n])] if method == "heun" else own[n]
-                with torch.enable_grad():
-                    rebuilt = x.detach().requires_grad_()
-                    out = forward_step(method, blocks, n, rebuilt, step)
-                    vjps = torch.autograd.grad(out, [rebuilt, *local], grad, allow_unused=True)
-                grad = vjps[0]
-                for p, g in zip(local, vjps[1:]):
+
+        def local(n):
+            tensors = own[n] + [p for p in own[n + 1] if all(p is not q for q in own[n])] if method == "heun" else own[n]
+
+            def receive(vjps):
+                for p, g in zip(tensors, vjps):
                     if g is not None:
                         i = index[id(p)]
                         grads[i] = g if grads[i] is None else grads[i] + g
+            return blocks, tensors, receive
+
+        with frozen_running_stats(blocks):
+            grad = _reverse_sweep(x, grad, method, ctx.step, blocks, local)
         return (grad, None, None, None, *grads)
 
 
-def integrate(x: Tensor, blocks: Sequence[nn.Module], step: float | None = None, method: str = "euler",
-              mode: str = "adjoint") -> Tensor:
-    """Run the residual stack ``blocks`` on ``x`` (Euler, eq. (1), or Heun, eq. (8)); step ``1/N`` by default.
+class _ReconstructedStacked(torch.autograd.Function):
+    """Stacked weights: the same, with each step's gradients written into the rows of the stacked gradients."""
 
-    ``mode="adjoint"`` stores only the output and rebuilds activations in the backward pass;
-    ``mode="backprop"`` is plain autograd.
+    @staticmethod
+    def forward(ctx, x, method, residual, step, *weights):
+        layers = StackedLayers(residual, weights)
+        with torch.no_grad():
+            for n in range(num_steps(method, layers)):
+                x = forward_step(method, layers, n, x, step)
+        ctx.method, ctx.residual, ctx.step = method, residual, step
+        ctx.save_for_backward(x, *weights)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        method, residual = ctx.method, ctx.residual
+        grads = [torch.zeros_like(w) for w in weights]
+
+        def local(n):
+            rows = (n, n + 1) if method == "heun" else (n,)
+            own = {k: tuple(w[k].detach().requires_grad_() for w in weights) for k in rows}
+
+            def receive(vjps):
+                for (k, i), g in zip(((k, i) for k in rows for i in range(len(weights))), vjps):
+                    if g is not None:
+                        grads[i][k] += g
+            return StackedLayers(residual, weights, own), [t for k in rows for t in own[k]], receive
+
+        grad = _reverse_sweep(x, grad, method, ctx.step, StackedLayers(residual, weights), local)
+        return (grad, None, None, None, *grads)
+
+
+def integrate(x: Tensor, blocks: Sequence, step: float | None = None, method: str = "euler",
+              backward: str = "adjoint") -> Tensor:
+    """Run the residual stack ``blocks`` (``nn.Module`` s, or :class:`StackedLayers`) on ``x`` (Euler, eq. (1), or
+    Heun, eq. (8)); step ``1/N`` by default.
+
+    ``backward="adjoint"`` stores only the output and rebuilds activations in the backward pass;
+    ``"backprop"`` is plain autograd; ``"checkpoint"`` stores ``sqrt(N)`` states (:func:`checkpointed`).
     """
     steps = num_steps(method, blocks)
-    _checks.one_of("mode", mode, MODES)
+    _checks.one_of("backward", backward, BACKWARDS)
     step = 1.0 / steps if step is None else _checks.positive_float("step", step)
-    if mode == "adjoint" and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and backward == "checkpoint":
+        return checkpointed(x, blocks, max(1, round(math.sqrt(steps))), step, method)
+    if torch.is_grad_enabled() and backward == "adjoint":
+        if isinstance(blocks, StackedLayers):
+            return _ReconstructedStacked.apply(x, method, blocks.residual, step, *blocks.weights)
         return _Reconstructed.apply(x, method, tuple(blocks), step, *_unique_parameters(blocks))
     for n in range(steps):
         x = forward_step(method, blocks, n, x, step)
@@ -131,18 +206,20 @@ def integrate(x: Tensor, blocks: Sequence[nn.Module], step: float | None = None,
 
 
 class ResidualStack(nn.Module):
-    """A ``nn.Module`` around ``integrate``: blocks, integrator and backward mode (switchable at any time)."""
+    """An ``nn.Module`` around :func:`integrate`: blocks, method and backward pass (switchable at any time)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], method: str = "euler", mode: str = "adjoint", step: float | None = None):
+    def __init__(self, blocks: Sequence[nn.Module], method: str = "euler", backward: str = "adjoint",
+                 step: float | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.method = _checks.one_of("method", method, METHODS)
-        self.mode = _checks.one_of("mode", mode, MODES)
+        self.backward = _checks.one_of("backward", backward, BACKWARDS)
         self.step = step
         num_steps(method, self.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return integrate(x, list(self.blocks), self.step, self.method, self.mode)
+        """The stack's output from its input ``x`` (:func:`integrate`)."""
+        return integrate(x, list(self.blocks), self.step, self.method, self.backward)
 
 
 class Layer(nn.Module):
@@ -155,6 +232,7 @@ class Layer(nn.Module):
             self.register_parameter(f"theta{i}", nn.Parameter(w.detach().clone()))
 
     def forward(self, h: Tensor) -> Tensor:
+        """The residual ``f(h, *weights)`` of the block at ``h`` (not ``h`` plus it: the stack adds the step)."""
         # the parameters in registration order: unpacking an nn.ParameterList instead adds ~15 us per call (measured:
         # 97 against 82 us for a q = 16, m = 32 perceptron on 256 inputs), and the adjoint calls each block three times
         return self.residual(h, *self._parameters.values())
@@ -165,17 +243,18 @@ def layers(residual: Callable, stacked: Sequence[Tensor]) -> list[Layer]:
     return [Layer(residual, theta) for theta in zip(*(w.unbind(0) for w in stacked))]
 
 
-def checkpointed(x: Tensor, blocks: Sequence[nn.Module], segments: int, step: float | None = None) -> Tensor:
-    """Euler stack under ``torch.utils.checkpoint``: only segment boundaries are stored (memory ~ segments + N/segments)."""
+def checkpointed(x: Tensor, blocks: Sequence, segments: int, step: float | None = None, method: str = "euler") -> Tensor:
+    """The stack under :func:`torch.utils.checkpoint`: only segment boundaries are stored (memory ~ segments +
+    N/segments), each segment run again in the backward pass; exact gradients."""
     from torch.utils.checkpoint import checkpoint
 
-    steps = num_steps("euler", blocks)
+    steps = num_steps(method, blocks)
     step = 1.0 / steps if step is None else step
     size = math.ceil(steps / _checks.positive_int("segments", segments))
 
     def run(h, start):
         for n in range(start, min(start + size, steps)):
-            h = forward_step("euler", blocks, n, h, step)
+            h = forward_step(method, blocks, n, h, step)
         return h
 
     for start in range(0, steps, size):
@@ -223,22 +302,23 @@ def reconstruction_error(x: Tensor, blocks: Sequence[nn.Module], step: float | N
     return worst
 
 
-def gradient_errors(loss: Callable[[nn.Module], Tensor], stack: ResidualStack, relative: bool = True) -> dict[str, float]:
+def gradient_errors(loss: Callable[[nn.Module], Tensor], stack: nn.Module, relative: bool = True) -> dict[str, float]:
     """Error ``||g_adjoint - g_backprop||`` of each named parameter's gradient, divided by ``||g_backprop||``
     if ``relative`` (Props 4 and 6 bound the absolute error; Fig. 3(c) shows the relative one), and under
     ``"(all)"`` the same for all parameters' gradients concatenated.
     ``loss(stack)`` must be deterministic (no dropout; batch norm in training mode is fine: its running
-    statistics are restored between the two passes)."""
-    saved_mode = stack.mode
+    statistics are restored between the two passes). ``stack``: anything with a ``backward`` attribute
+    (:class:`ResidualStack`, :class:`resnode.models.ResNet`)."""
+    saved = stack.backward
     buffers = {k: v.clone() for k, v in stack.state_dict().items() if not isinstance(v, nn.Parameter)}
     grads = {}
-    for mode in MODES:
-        stack.mode = mode
+    for backward in ("adjoint", "backprop"):
+        stack.backward = backward
         stack.load_state_dict({**stack.state_dict(), **buffers})
         stack.zero_grad(set_to_none=True)
         loss(stack).backward()
-        grads[mode] = {name: p.grad.detach().clone() for name, p in stack.named_parameters() if p.grad is not None}
-    stack.mode = saved_mode
+        grads[backward] = {name: p.grad.detach().clone() for name, p in stack.named_parameters() if p.grad is not None}
+    stack.backward = saved
     stack.zero_grad(set_to_none=True)
     # A parameter whose exact gradient is zero up to rounding (a conv bias before batch norm) has no relative error.
     floor = 1e-9 * max(g.norm() for g in grads["backprop"].values())
@@ -268,5 +348,5 @@ def saved_tensor_bytes(run: Callable[[], Tensor]) -> int:
     return sum(storages.values())
 
 
-__all__ = ["METHODS", "MODES", "num_steps", "forward_step", "inverse_step", "frozen_running_stats", "integrate",
+__all__ = ["METHODS", "BACKWARDS", "StackedLayers", "num_steps", "forward_step", "inverse_step", "frozen_running_stats", "integrate",
            "ResidualStack", "Layer", "layers", "checkpointed", "torchdiffeq_adjoint", "reconstruction_error", "gradient_errors", "saved_tensor_bytes"]

@@ -10,7 +10,10 @@ One mechanism for every training loop (the gradient flows, SGD, the image traini
   that cannot be read is moved aside (``*.corrupt``) with a warning and the run starts afresh; a file written
   by another configuration raises :class:`StaleCheckpointError` naming it and the settings that differ.
 - :func:`path` names the file from a readable stem and a hash of the key, so different configurations never
-  share a file in one cache folder.
+  share a file in one cache folder; :func:`digest` condenses tensors (the starting weights, the data) into a key
+  entry.
+
+NumPy arrays in a state (the recorders' histories) are stored as tensors and come back as arrays.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["FORMAT", "StaleCheckpointError", "path", "save", "load"]
+__all__ = ["FORMAT", "StaleCheckpointError", "digest", "path", "save", "load"]
 
 FORMAT = "resnode.checkpoint/1"
 
@@ -36,6 +40,57 @@ class StaleCheckpointError(ValueError):
 
 def _canonical(key: Mapping) -> str:
     return json.dumps(key, sort_keys=True, default=str)
+
+
+def digest(value) -> str:
+    """A SHA-256 digest (16 hex digits) of tensors, arrays, numbers and strings, nested in dicts (in key order),
+    lists and tuples: what a run starts from (weights, data), condensed into an entry of its key."""
+    hasher = hashlib.sha256()
+
+    def feed(item) -> None:
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().contiguous()
+            hasher.update(f"tensor{item.dtype}{tuple(item.shape)}".encode())
+            hasher.update(item.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, np.ndarray):
+            feed(torch.from_numpy(np.ascontiguousarray(item)))
+        elif isinstance(item, Mapping):
+            for name in item:
+                hasher.update(repr(name).encode())
+                feed(item[name])
+        elif isinstance(item, (list, tuple)):
+            hasher.update(f"{type(item).__name__}{len(item)}".encode())
+            for element in item:
+                feed(element)
+        else:
+            hasher.update(repr(item).encode())
+
+    feed(value)
+    return hasher.hexdigest()[:16]
+
+
+def _encode(value):
+    """``value`` with every NumPy array replaced by ``{"numpy": tensor}`` (``torch.load(weights_only=True)`` reads
+    tensors, not arrays) and NumPy scalars by Python numbers."""
+    if isinstance(value, np.ndarray):
+        return {"numpy": torch.from_numpy(np.array(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {name: _encode(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_encode(item) for item in value)
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if set(value) == {"numpy"} and isinstance(value["numpy"], torch.Tensor):
+            return value["numpy"].numpy()
+        return {name: _decode(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(item) for item in value)
+    return value
 
 
 def path(folder: str | os.PathLike, stem: str, key: Mapping) -> Path:
@@ -51,7 +106,7 @@ def save(target: str | os.PathLike, state: Mapping, key: Mapping) -> Path:
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as handle:
-            torch.save({"format": FORMAT, "key": json.loads(_canonical(key)), "state": dict(state)}, handle)
+            torch.save({"format": FORMAT, "key": json.loads(_canonical(key)), "state": _encode(dict(state))}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, target)
@@ -93,4 +148,4 @@ def load(target: str | os.PathLike, key: Mapping) -> dict | None:
             f"the checkpoint {target} was written by a run with other settings ({', '.join(differ)} differ: "
             f"{ {k: stored.get(k) for k in differ} } there, { {k: expected.get(k) for k in differ} } here). "
             "Delete it, or give this run another cache folder.")
-    return payload["state"]
+    return _decode(payload["state"])

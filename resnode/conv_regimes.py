@@ -27,7 +27,6 @@ from torch.nn import functional as F
 
 from . import _checks
 from .data import Dataset
-from .vision import train_classifier
 
 PAPER_BLOCKS = {8: (2, 2, 2, 2), 11: (2, 3, 4, 2), 12: (2, 3, 5, 2), 14: (3, 3, 5, 3), 16: (3, 4, 6, 3),
                 18: (3, 4, 8, 3), 20: (3, 4, 10, 3), 24: (3, 4, 14, 3), 28: (3, 4, 18, 3), 33: (3, 4, 23, 3),
@@ -98,9 +97,15 @@ def circular_conv_matrix(kernel: Tensor, n: int) -> Tensor:
     return _circular_conv(kernel.detach().cpu(), basis).reshape(c_in * n * n, -1).T
 
 
-def power_iteration_norm(kernel: Tensor, n: int, iterations: int = 200, seed: int = 0) -> float:
-    """Operator norm of the circular convolution by power iteration on ``T^T T`` (the adjoint by autograd)."""
+def power_iteration_norm(kernel: Tensor, n: int, iterations: int = 20000, seed: int = 0, tol: float = 1e-14) -> float:
+    """Operator norm of the circular convolution by power iteration on ``T^T T`` (the adjoint by autograd), until the
+    estimate changes by less than ``tol`` (relative) in one iteration, or after ``iterations``.
+
+    The error after ``k`` iterations falls like ``(s_2 / s_1)^{2k}``: slowly when the two largest singular values are
+    close (a trained kernel of chapter 10 needed about 400 iterations for ``1e-6``), hence the stopping rule rather
+    than a fixed count."""
     kernel, n = _check_kernel(kernel, n)
+    tol = _checks.positive_float("tol", tol)
     kernel = kernel.detach().double().cpu()
     x = torch.randn(1, kernel.shape[1], n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     norm = 0.0
@@ -108,7 +113,9 @@ def power_iteration_norm(kernel: Tensor, n: int, iterations: int = 200, seed: in
         x = (x / x.norm()).requires_grad_(True)
         y = _circular_conv(kernel, x)
         (x,) = torch.autograd.grad(y, x, grad_outputs=y)  # T^T T x
-        norm = float(x.norm().sqrt())
+        previous, norm = norm, float(x.norm().sqrt())
+        if abs(norm - previous) <= tol * norm:
+            break
     return norm
 
 
@@ -181,6 +188,8 @@ class RegimeBlock(nn.Module):
                          if stride != 1 or in_channels != channels else nn.Identity())
 
     def forward(self, h: Tensor) -> Tensor:
+        """The block's output ``ReLU(S h + delta * ReLU(A * h))`` (Cont et al. eq. (3.2)) for ``h``
+        ``(batch, in_channels, n, n)``: ``(batch, channels, n', n')``, ``n' = n`` unless the block has a stride."""
         return F.relu(self.shortcut(h) + self.conv2(F.relu(self.conv1(h))))
 
 
@@ -211,9 +220,11 @@ class RegimeResNet(nn.Module):
 
     @property
     def depth(self) -> int:
+        """The number of residual blocks ``L`` (of kernels ``A_k``), ``sum(blocks)``."""
         return len(self.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The class logits ``(batch, classes)`` of images ``x`` ``(batch, in_channels, n, n)``: stem, blocks, head."""
         return self.head(self.blocks(self.stem(x)))
 
     def kernels(self, which: str) -> list[Tensor]:
@@ -298,18 +309,20 @@ def image_data(dataset: str, train_limit: int | None = None, seed: int = 0) -> t
 
 
 def run_depth(blocks: Sequence[int], channels: Sequence[int], train: Dataset, test: Dataset, epochs: int,
-              seed: int = 0, device: str = "cpu", checkpoint: str | Path | None = None, **training) -> dict:
-    """Build a :class:`RegimeResNet` (seeded), train it with ``vision.train_classifier`` (cosine schedule by
-    default, as in App. A) and measure its kernels before and after: ``{"model", "history", "init", "trained",
-    "update"}``, the last three from :func:`network_statistics` (``update``: of the trained minus the initial kernels)."""
+              seed: int = 0, **training) -> dict:
+    """Build a :class:`RegimeResNet` (seeded), train it with :func:`resnode.images.fit` (cosine schedule by default,
+    as in App. A; ``training``: its keyword arguments, such as ``device``, ``cache_dir`` and ``name``) and measure its
+    kernels before and after: ``{"model", "history", "init", "trained", "update"}``, the last three from
+    :func:`network_statistics` (``update``: of the trained minus the initial kernels). The model comes back on the CPU."""
+    from .images import fit
+
     torch.manual_seed(seed)
     model = RegimeResNet(blocks, channels, in_channels=train.inputs.shape[1], classes=int(train.targets.max()) + 1)
     size = train.inputs.shape[-1]
     initial = network_statistics(model, size)
     start = {which: [k.clone() for k in model.kernels(which)] for which in ("A", "delta")}
-    training = {"schedule": "cosine", **training}
-    history = train_classifier(model.to(device), train, test, epochs, seed=seed, checkpoint=checkpoint, **training)
-    model = model.cpu()
+    history = fit(model, train, test, epochs, seed=seed, **{"schedule": "cosine", **training})
+    model = model.cpu().to(memory_format=torch.contiguous_format)
     return {"model": model, "history": history, "init": initial, "trained": network_statistics(model, size),
             "update": network_statistics(model, size, reference=start)}
 

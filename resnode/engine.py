@@ -95,6 +95,8 @@ class Workspace:
         self._layers: dict[str, tuple[Tensor, ...]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The buffer ``name`` of ``shape`` with ``like``'s dtype and device, kept from the last call if these match,
+        else newly allocated (uninitialised)."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
             buffer = self._buffers[name] = like.new_empty(shape)

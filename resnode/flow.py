@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import _checks, engine
+from . import _checks, checkpoints, engine, train
 
 
 def loss_and_grads(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine.Residual, scale: float = 1.0,
@@ -44,17 +43,28 @@ def _per_copy(dt, weights: dict[str, Tensor]) -> dict[str, Tensor | float]:
     return {n: value for n in weights}
 
 
+def _recorder_state(recorder) -> dict:
+    """What a checkpoint keeps of a recorder: its attributes (less what its ``__getstate__`` leaves out)."""
+    return dict(recorder.__getstate__() if hasattr(recorder, "__getstate__") else recorder.__dict__)
+
+
 def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine.Residual, steps: int, dt,
                   *, clip: float | None = None, scale: float = 1.0, recorders: Sequence = (),
-                  progress: bool = False, checkpoint: str | os.PathLike | None = None,
+                  progress: bool = False, cache_dir: str | os.PathLike | None = None, name: str = "flow",
                   checkpoint_every: int | None = None) -> dict[str, Tensor]:
     """Run ``steps`` updates of the (clipped) gradient flow from ``weights`` (``W``, and ``V`` / ``b`` if present).
 
     ``x``: inputs already lifted (``h_0 = A x``), ``(n, q)``, or ``(S, n, q)``; ``y``: targets of ``h_L`` (the
-    output map ``B`` is the identity, as in Appendix E's synthetic runs). Every recorder is updated at
-    ``t = 0 .. steps``. With ``checkpoint``, the weights, the iteration and the recorders are saved there
-    every ``checkpoint_every`` updates (by default every ``2^20 / L`` updates, a minute or so of work at any
-    depth) and at the end, and a run finding the file resumes from it.
+    output map ``B`` is the identity, as in Appendix E's synthetic runs), of the same shape. Every recorder is
+    updated at ``t = 0 .. steps``. A loss that is not finite, or grows beyond
+    :data:`resnode.train.DIVERGENCE_FACTOR` times its first value in any copy, raises
+    :class:`resnode.train.DivergenceError` (lower ``dt``).
+
+    ``cache_dir``: the weights, the iteration and the recorders' state are saved there
+    (:mod:`resnode.checkpoints`, file ``name`` plus a hash of the run's configuration: the starting weights, the
+    data, ``spec``, ``steps``, ``dt``, ``clip``, ``scale`` and the recorders' starting state) every
+    ``checkpoint_every`` updates (by default every ``2^20 / L`` updates, a minute or so of work at any depth) and
+    at the end; a run with the same configuration resumes from its file, bit for bit, and another never adopts it.
     Returns the trained weights (new tensors; the arguments are not modified).
     """
     steps = _checks.positive_int("steps", steps)
@@ -62,70 +72,68 @@ def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine
         clip = _checks.positive_float("clip", clip)
     if not set(weights) <= {"W", "V", "b"} or "W" not in weights:
         raise ValueError(f"weights must name W and optionally V and b; got {sorted(weights)}")
+    dtypes = {n: w.dtype for n, w in weights.items()} | {"x": x.dtype, "y": y.dtype}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"x, y and the weights must share one dtype; got {dtypes}")
     weights = {n: w.detach().clone() for n, w in weights.items()}
     copies = weights["W"].dim() - 3
     if copies and x.dim() == 2:
         x = x.expand(weights["W"].shape[1], *x.shape).contiguous()
     if copies and y.dim() == 2:
         y = y.expand(weights["W"].shape[1], *y.shape)
+    outputs = (*x.shape[:-1], weights["W"].shape[-1])
+    if tuple(y.shape) != outputs:
+        raise ValueError(f"y must have the shape of the outputs h_L, {outputs}; got {tuple(y.shape)} "
+                         "(a target of another shape would be broadcast against them)")
     rate = _per_copy(dt, weights)
     depth = weights["W"].shape[0]
     if checkpoint_every is None:
         checkpoint_every = max(1, 2**20 // depth)
     checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
     recorders = list(recorders)
-    start = 0
-    path = None if checkpoint is None else Path(checkpoint)
-    if path is not None and path.exists():
-        saved = torch.load(path, weights_only=False)
-        start, weights = saved["t"], saved["weights"]
-        if len(saved["recorders"]) != len(recorders):
-            raise ValueError(f"{path} holds {len(saved['recorders'])} recorders; this run passes {len(recorders)}")
-        for mine, theirs in zip(recorders, saved["recorders"]):
-            mine.__dict__.update(theirs.__dict__)
+    start, target, first = 0, None, None
+    if cache_dir:
+        key = dict(steps=steps, dt=dt.tolist() if isinstance(dt, Tensor) else dt, clip=clip, scale=scale,
+                   spec=repr(spec), start=checkpoints.digest(weights), data=checkpoints.digest([x, y]),
+                   recorders=[type(r).__name__ for r in recorders],
+                   recorder_start=checkpoints.digest([r.__dict__ for r in recorders]))
+        target = checkpoints.path(cache_dir, name, key)
+        saved = checkpoints.load(target, key)
+        if saved is not None:
+            start, weights, first = saved["t"], saved["weights"], saved["first"]
+            for recorder, state in zip(recorders, saved["recorders"], strict=True):
+                if hasattr(recorder, "__setstate__"):
+                    recorder.__setstate__(state)
+                else:
+                    recorder.__dict__.update(state)
+    save = lambda t: checkpoints.save(target, {"t": t, "weights": weights, "first": first,
+                                               "recorders": [_recorder_state(r) for r in recorders]}, key)
     workspace = engine.Workspace()
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"gradient flow, L={depth}")
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=f"gradient flow, L={depth}")
     with torch.no_grad():
         for t in range(start, steps + 1):
             loss, grads = loss_and_grads(x, y, weights, spec, scale, workspace)
-            if not torch.isfinite(loss).all():
-                raise FloatingPointError(f"loss became {loss} at iteration {t}; lower dt")
+            first = loss.clone() if first is None else first
+            train.check_divergence(loss, first, t, "dt")
             for recorder in recorders:
                 recorder.update(t, weights, loss)
             if t == steps:
                 break
-            for name, w in weights.items():
-                velocity = grads[name].mul_(-depth)  # the right-hand side of eq. (4)
+            for name_, w in weights.items():
+                velocity = grads[name_].mul_(-depth)  # the right-hand side of eq. (4)
                 if clip is not None:
                     velocity.clamp_(-clip, clip)  # eq. (5)
-                if isinstance(rate[name], float):
-                    w.add_(velocity, alpha=rate[name])
+                if isinstance(rate[name_], float):
+                    w.add_(velocity, alpha=rate[name_])
                 else:
-                    w.addcmul_(velocity, rate[name])
+                    w.addcmul_(velocity, rate[name_])
             bar.update(1)
-            if path is not None and (t + 1) % checkpoint_every == 0:
-                _save(path, t + 1, weights, recorders)
+            if target is not None and (t + 1) % checkpoint_every == 0:
+                save(t + 1)
     bar.close()
-    if path is not None:
-        _save(path, steps + 1, weights, recorders)  # t = steps + 1: finished, nothing left to record
+    if target is not None:
+        save(steps + 1)  # t = steps + 1: finished, nothing left to record
     return weights
 
 
-def checkpoint_file(folder: str | os.PathLike, name: str) -> Path | None:
-    """``folder/name.pt`` for a resumable run's ``checkpoint`` (``gradient_flow``, ``vision.train_classifier``), the
-    folder created; ``None`` when ``folder`` is empty (a chapter's ``cache_dir`` left unset). The name must say
-    everything that makes the run differ."""
-    if not str(folder):
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder) / f"{name}.pt"
-
-
-def _save(path: Path, t: int, weights: dict[str, Tensor], recorders: list) -> None:
-    """Write atomically: a run killed while saving leaves the previous checkpoint intact."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"t": t, "weights": weights, "recorders": recorders}, partial)
-    os.replace(partial, path)
-
-
-__all__ = ["loss_and_grads", "gradient_flow", "checkpoint_file"]
+__all__ = ["loss_and_grads", "gradient_flow"]

@@ -28,7 +28,6 @@ Diagnostics: :func:`increments` and :func:`smoothness`, Marion et al.'s layer-av
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import time
@@ -41,13 +40,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import _checks, checkpoints
-from .adjoint import METHODS, MODES, ResidualStack, gradient_errors, saved_tensor_bytes
+from .adjoint import BACKWARDS, METHODS, ResidualStack, gradient_errors, saved_tensor_bytes
 from .data import Dataset, ImageFolder
+from .train import check_divergence
 
 __all__ = ["ACTIVATIONS", "INITS", "SCHEDULES", "NORMALISATION", "RESNET101", "MARION_TABLE1", "SANDER_TABLE1",
            "SANDER_TIED_IMAGENET", "SANDER_TABLE2", "resolve_device", "ConvBNBlock", "PreActBottleneck", "Bottleneck",
-           "Stage", "ImageResNet", "marion_resnet", "sander_resnet", "tie", "transfer", "set_mode", "stage_gradient_error", "increments",
-           "smoothness", "depth_statistics", "across_depth", "learning_rate", "residual_groups", "fingerprint", "crop_and_flip", "random_resized_crop",
+           "Stage", "ImageResNet", "marion_resnet", "sander_resnet", "tie", "transfer", "set_backward", "stage_gradient_error", "increments",
+           "smoothness", "depth_statistics", "across_depth", "learning_rate", "residual_groups", "crop_and_flip", "random_resized_crop",
            "resize_center_crop", "TensorImages", "FolderImages", "batches", "evaluate", "fit", "step_memory"]
 
 ACTIVATIONS = {"identity": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -111,6 +111,8 @@ class ConvBNBlock(nn.Module):
             nn.init.zeros_(self.bn2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The residual ``bn2(conv2(sigma(bn1(conv1 x))))`` (Marion et al. App. E), the shape of ``x``
+        ``(batch, channels, H, W)``; the stack adds it, times the step, to ``x``."""
         return self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
 
 
@@ -126,6 +128,8 @@ class PreActBottleneck(nn.Module):
                                   nn.ReLU(), nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The residual ``body(x)``, the shape of ``x`` ``(batch, channels, H, W)``; the stack adds it, times the
+        step, to ``x``."""
         return self.body(x)
 
 
@@ -145,6 +149,8 @@ class Bottleneck(nn.Module):
                                           nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block's output ``ReLU(shortcut(x) + body(x))``: ``(batch, out_channels, H', W')``, ``H' = H`` and
+        ``W' = W`` unless ``stride > 1``."""
         return torch.relu(self.shortcut(x) + self.body(x))
 
 
@@ -155,10 +161,10 @@ class Stage(nn.Module):
     Heun, backprop or adjoint, step ``step`` or ``1/N``), an optional map after it."""
 
     def __init__(self, blocks: Sequence[nn.Module], transition: nn.Module | None = None, step: float | None = None,
-                 method: str = "euler", mode: str = "backprop", after: nn.Module | None = None):
+                 method: str = "euler", backward: str = "backprop", after: nn.Module | None = None):
         super().__init__()
         self.transition = transition if transition is not None else nn.Identity()
-        self.stack = ResidualStack(blocks, method=method, mode=mode, step=step) if len(blocks) else None
+        self.stack = ResidualStack(blocks, method=method, backward=backward, step=step) if len(blocks) else None
         self.after = after if after is not None else nn.Identity()
 
     @property
@@ -167,6 +173,7 @@ class Stage(nn.Module):
         return self.stack is not None and len({id(b) for b in self.stack.blocks}) == 1 < len(self.stack.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``after(stack(transition(x)))`` (the stack skipped when it has no blocks)."""
         x = self.transition(x)
         if self.stack is not None:
             x = self.stack(x)
@@ -182,6 +189,7 @@ class ImageResNet(nn.Module):
         self.config = dict(config or {})
 
     def forward(self, x: Tensor) -> Tensor:
+        """The class logits ``head(stages(stem(x)))`` of images ``x`` ``(batch, C, H, W)``."""
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -197,7 +205,7 @@ def tie(blocks: Sequence[nn.Module]) -> None:
 
 
 def marion_resnet(depth: int, activation: str = "gelu", init: str = "tied", channels: int = 16, in_channels: int = 3,
-                  classes: int = 10, image_size: int = 32, method: str = "euler", mode: str = "backprop",
+                  classes: int = 10, image_size: int = 32, method: str = "euler", backward: str = "backprop",
                   block: Callable[[int], nn.Module] | None = None, stem_bias: bool = False) -> ImageResNet:
     """Marion et al.'s CIFAR-10 network (App. E; the authors' code).
 
@@ -223,7 +231,7 @@ def marion_resnet(depth: int, activation: str = "gelu", init: str = "tied", chan
     config = dict(kind="marion", depth=depth, activation=activation if block is None else getattr(block, "__name__", "custom"),
                   init=init, channels=channels, in_channels=in_channels, classes=classes, image_size=image_size,
                   method=method)
-    return ImageResNet(stem, [Stage(blocks, method=method, mode=mode)], head, config)
+    return ImageResNet(stem, [Stage(blocks, method=method, backward=backward)], head, config)
 
 
 def _kaiming(module: nn.Module) -> None:
@@ -269,7 +277,7 @@ def sander_resnet(blocks: Sequence[int] = RESNET101, widths: Sequence[int] = (64
         transition = Bottleneck(channels, width, out, stride=1 if number == 1 else 2)
         residual = [make(out, width)] * (count - 1) if tied else [make(out, width) for _ in range(count - 1)]
         step = None if scaling else 1.0
-        stages.append(Stage(residual, transition, step=step, mode="adjoint" if number in adjoint_stages else "backprop",
+        stages.append(Stage(residual, transition, step=step, backward="adjoint" if number in adjoint_stages else "backprop",
                             after=nn.ReLU()))
         channels = out
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
@@ -301,15 +309,15 @@ def transfer(source: ImageResNet, target: ImageResNet) -> ImageResNet:
     return target
 
 
-def set_mode(model: ImageResNet, mode: str, stages: Iterable[int] | None = None) -> ImageResNet:
-    """Switch the backward of the residual stacks of ``stages`` (numbered from 1; all when ``None``) to ``mode``
-    (``"adjoint"`` or ``"backprop"``)."""
-    _checks.one_of("mode", mode, MODES)
+def set_backward(model: ImageResNet, backward: str, stages: Iterable[int] | None = None) -> ImageResNet:
+    """Switch the backward pass of the residual stacks of ``stages`` (numbered from 1; all when ``None``) to
+    ``backward`` (``"backprop"``, ``"adjoint"`` or ``"checkpoint"``)."""
+    _checks.one_of("backward", backward, BACKWARDS)
     chosen = range(1, len(model.stages) + 1) if stages is None else stages
     for number in chosen:
         stack = model.stages[number - 1].stack
         if stack is not None:
-            stack.mode = mode
+            stack.backward = backward
     return model
 
 
@@ -462,6 +470,8 @@ class TensorImages:
         return len(self.dataset)
 
     def batch(self, index: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The items ``index``: normalised images ``(batch, C, H, W)`` and their targets; the images are cropped and
+        flipped first when ``augmentation`` is on and a ``generator`` is given (training batches)."""
         x = self.dataset.inputs[index]
         if generator is not None and self.augmentation:
             x = crop_and_flip(x, generator, self.padding)
@@ -483,6 +493,8 @@ class FolderImages:
         return len(self.folder)
 
     def batch(self, index: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Images ``(batch, C, crop, crop)`` of the items ``index``, decoded and normalised, and their targets: random
+        resized crops and flips drawn from ``generator`` if ``augmentation``, else (or without one) centre crops."""
         images = []
         for i in index.tolist():
             image = self.folder.load(i).float() / 255
@@ -549,10 +561,25 @@ def learning_rate(epoch: float, epochs: int, lr: float, schedule: str, milestone
     return lr
 
 
+def _check_classification(data: Dataset) -> None:
+    """Refuse what cross-entropy would take silently or fail on obscurely: no examples, targets that are not one class
+    index per image."""
+    if len(data) == 0:
+        raise ValueError(f"the dataset {data.name!r} holds no examples")
+    targets = data.targets
+    if targets.dim() != 1 or len(targets) != len(data.inputs) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"the dataset {data.name!r} needs one integer class index per image: targets of shape "
+                         f"({len(data.inputs)},); got {targets.dtype} of shape {tuple(targets.shape)}")
+    if data.inputs.dim() != 4:
+        raise ValueError(f"the dataset {data.name!r} needs images (n, channels, height, width); got shape "
+                         f"{tuple(data.inputs.shape)}")
+
+
 def _as_source(data, augmentation: bool):
     if isinstance(data, (TensorImages, FolderImages)):
         return data
     if isinstance(data, Dataset):
+        _check_classification(data)
         return TensorImages(data, augmentation=augmentation)
     if isinstance(data, ImageFolder):
         return FolderImages(data, augmentation=augmentation)
@@ -587,16 +614,6 @@ def residual_groups(model: ImageResNet, factor: float) -> list[dict]:
     return [{"params": residual, "lr_factor": factor}, {"params": [p for p in model.parameters() if id(p) not in ids]}]
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A SHA-256 digest (16 hex digits) of a network's state (parameters and buffers, in order): two runs that start
-    from other weights (another seed, another pretrained network) never share a checkpoint."""
-    digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _fast_path(device: torch.device, value: bool | None) -> bool:
     return device.type == "cuda" if value is None else bool(value)
 
@@ -612,7 +629,7 @@ def _compile(model: nn.Module) -> None:
     model.head.compile()
     for stage in model.stages:
         stage.transition.compile()
-        if stage.stack is not None and stage.stack.mode == "adjoint":
+        if stage.stack is not None and stage.stack.backward == "adjoint":
             for block in {id(b): b for b in stage.stack.blocks}.values():
                 block.compile()
         elif stage.stack is not None:
@@ -661,14 +678,15 @@ def fit(model: nn.Module, train, test, epochs: int, *, batch_size: int = 128, lr
       PyTorch's epoch-wise ``CosineAnnealingLR``, as in the papers' code, still trains its last epoch at
       ``lr (1 + cos(pi (E-1)/E)) / 2``). ``parameters``: the parameters to train (all by default; Sander et al. fine-tune one stage), or
       optimiser groups ``{"params": [...], "lr_factor": f}`` (:func:`residual_groups`).
-      ``clip_norm`` scales each step's gradient down to that norm when larger. A non-finite loss raises
-      ``FloatingPointError`` naming the epoch.
+      ``clip_norm`` scales each step's gradient down to that norm when larger. A loss that is not finite or grows
+      beyond :data:`resnode.train.DIVERGENCE_FACTOR` times the first batch's raises
+      :class:`resnode.train.DivergenceError` naming the batch and the epoch.
     - ``device``: ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"``. ``channels_last`` (``None``: on),
       ``bf16`` (autocast) and ``compile`` (:func:`torch.compile`, part by part; ``None``: on for CUDA, off on the CPU,
       where bf16 is slow without AMX and compiling takes minutes).
       ``workers``: DataLoader processes (``None``: 8 on CUDA, with pinned memory; 0 on the CPU).
     - ``cache_dir``: a checkpoint (:mod:`resnode.checkpoints`) after every epoch, named ``name`` plus a hash of the
-      configuration (the training settings, ``seed``, ``model.config``, a fingerprint of the starting weights, the
+      configuration (the training settings, ``seed``, ``model.config``, a digest of the starting weights, the
       data's names and ``key``); a run finds
       its own checkpoint and resumes, with the same batches and augmentations as an uninterrupted run (the data
       order of each epoch depends only on ``seed`` and the epoch). ``stop_after`` ends this call after that many
@@ -693,7 +711,11 @@ def fit(model: nn.Module, train, test, epochs: int, *, batch_size: int = 128, lr
     workers = (min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers
     train_source, test_source = _as_source(train, augmentation), _as_source(test, False)
 
-    model.to(device=device, memory_format=memory)
+    model.to(device=device)
+    if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
+        with torch.no_grad():  # give lazy layers their shapes before the optimiser sees them
+            model.eval()(train_source.batch(torch.arange(min(2, len(train_source))), None)[0].to(device))
+    model.to(memory_format=memory)
     groups = _groups(model, parameters)
     trained = [p for g in groups for p in g["params"]]
     optimiser = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -701,16 +723,17 @@ def fit(model: nn.Module, train, test, epochs: int, *, batch_size: int = 128, lr
                     schedule=schedule, milestones=None if milestones is None else list(milestones),
                     augmentation=augmentation, clip_norm=clip_norm, seed=seed, per_batch=per_batch, trained=len(trained),
                     lr_factors=[g["lr_factor"] for g in groups])
-    full_key = dict(training=settings, model=getattr(model, "config", type(model).__name__), start=fingerprint(model),
+    full_key = dict(training=settings, model=getattr(model, "config", type(model).__name__), start=checkpoints.digest(model.state_dict()),
                     train=train_source.name, test=test_source.name, **dict(key or {}))
     target = checkpoints.path(cache_dir, name, full_key) if cache_dir else None
     history: dict[str, list] = {k: [] for k in ("loss", "train_error", "test_error", "test_loss", "lr", "seconds",
                                                 "images_per_second", "peak_memory")}
     state = checkpoints.load(target, full_key) if target is not None else None
+    first = None  # the first batch's loss: the scale against which divergence is judged
     if state is not None:
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
-        history = state["history"]
+        history, first = state["history"], state.get("first")
     if _fast_path(device, compile):
         _compile(model)
     # parameters left out of the optimiser need no gradient: the backward stops where they start
@@ -741,14 +764,15 @@ def fit(model: nn.Module, train, test, epochs: int, *, batch_size: int = 128, lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(x)
                     loss = nn.functional.cross_entropy(out.float(), y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
+                value = loss.item()
+                first = value if first is None else first
+                check_divergence(value, first, f"{b + 1} of epoch {epoch + 1}", "the learning rate lr")
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_norm is not None:
                     nn.utils.clip_grad_norm_(trained, clip_norm)
                 optimiser.step()
-                total += loss.item() * len(y)
+                total += value * len(y)
                 wrong += (out.argmax(1) != y).sum().item()
                 count += len(y)
             if cuda:
@@ -762,7 +786,7 @@ def fit(model: nn.Module, train, test, epochs: int, *, batch_size: int = 128, lr
                 history[k].append(v)
             if target is not None:
                 checkpoints.save(target, {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                          "optimiser": optimiser.state_dict(), "history": history}, full_key)
+                                          "optimiser": optimiser.state_dict(), "history": history, "first": first}, full_key)
     finally:
         for p in frozen:
             p.requires_grad_(True)

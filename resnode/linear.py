@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .train import check_divergence
 
 
 def _check_weights(thetas: Tensor) -> None:
@@ -97,6 +98,8 @@ class FlowRecord:
     snapshots: list[Tensor] = field(default_factory=list)  # theta at the snapshot times
 
     def as_tensors(self) -> dict[str, Tensor]:
+        """Each statistic as a float64 tensor ``(records,)`` under its field name, and the snapshots stacked as
+        ``"snapshots"`` ``(snapshots, depth, ..., d, d)`` if any were kept."""
         out = {k: torch.tensor(v, dtype=torch.float64) for k, v in vars(self).items() if k != "snapshots"}
         if self.snapshots:
             out["snapshots"] = torch.stack(self.snapshots)
@@ -122,10 +125,11 @@ def gradient_flow(thetas: Tensor, target: Tensor, covariance: Tensor, time: floa
     snapshot_steps = {round(t / dt) for t in (snapshot_times or [])}
     record, theta = FlowRecord(), thetas.clone()
     spectral = lambda a: torch.linalg.matrix_norm(a, ord=2)
+    first = None
     for step in range(steps + 1):
         loss, gradient = loss_and_gradient(theta, target, covariance)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at t = {step * dt:g}; lower dt")
+        first = loss.item() if first is None else first
+        check_divergence(loss, first, step, "dt")
         if step % record_every == 0 or step == steps:
             scaled = depth**2 * torch.linalg.matrix_norm(gradient).square()  # N^2 ||grad_n||_F^2 for each n
             record.times.append(step * dt)

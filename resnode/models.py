@@ -8,6 +8,7 @@ several independent networks (seeds) at once when the state carries the same lea
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -100,12 +101,15 @@ class Linear:
 
     @property
     def shapes(self) -> tuple[tuple[int, int]]:
+        """Shape of one layer's ``theta``: ``((dim, dim),)``."""
         return ((self.dim, self.dim),)
 
     def __call__(self, h: Tensor, theta: Tensor) -> Tensor:
         return h @ theta.mT
 
     def segment_lipschitz(self, a: Weights, b: Weights) -> Tensor:
+        """A bound on the Lipschitz constant in ``h`` of ``theta h`` for every ``theta`` on the segment [a, b]:
+        ``max(||theta_a||, ||theta_b||)`` (spectral norm, convex), one value per leading index of the weights."""
         return torch.maximum(torch.linalg.matrix_norm(a[0], ord=2), torch.linalg.matrix_norm(b[0], ord=2))
 
 
@@ -123,12 +127,15 @@ class StateFree:
 
     @property
     def shapes(self) -> tuple[tuple[int]]:
+        """Shape of one layer's ``theta``: ``((dim,),)``."""
         return ((self.dim,),)
 
     def __call__(self, h: Tensor, theta: Tensor) -> Tensor:
         return (theta**self.power).unsqueeze(-2).expand_as(h)
 
     def segment_lipschitz(self, a: Weights, b: Weights) -> Tensor:
+        """The Lipschitz constant in ``h``, 0 on every segment (the residual ignores ``h``), shaped like the leading
+        dimensions of the weights."""
         return torch.zeros(a[0].shape[:-1], dtype=a[0].dtype, device=a[0].device)
 
 
@@ -180,38 +187,126 @@ def heun(h: Tensor, f: Callable, weights: Sequence[Tensor], step: float | None =
 
 
 INTEGRATORS = {"euler": euler, "heun": heun}
+METHODS = tuple(INTEGRATORS)
+BACKWARDS = ("backprop", "adjoint", "checkpoint")
+
+
+def _fresh_copies(block: nn.Module, count: int, init: str) -> list[nn.Module]:
+    """``count`` independent copies of ``block``: each re-initialised (``"iid"``: every submodule with a
+    ``reset_parameters`` draws afresh) or all starting as ``block`` (``"tied"``)."""
+    copies = [copy.deepcopy(block) for _ in range(count)]
+    if init == "tied":
+        return copies
+    for module in copies:
+        resettable = [m for m in module.modules() if hasattr(m, "reset_parameters")]
+        own = {id(p) for m in resettable for p in m.parameters(recurse=False)}
+        if any(id(p) not in own for m in module.modules() for p in m.parameters(recurse=False)):
+            raise ValueError(f"init='iid' draws each layer afresh through reset_parameters(), which some parameters of "
+                             f"{type(block).__name__} lack; pass a function that builds a block instead, or init='tied'")
+        for m in resettable:
+            m.reset_parameters()
+    return copies
 
 
 class ResNet(nn.Module):
-    """A trainable residual network: stacked weights of a residual function, integrated by Euler or Heun.
+    """A residual network ``h_{k+1} = h_k + a_L f_k(h_k)``, ``k < L = depth`` (Sander et al. eq. (1), Marion et al.
+    eq. (3) with ``a_L = 1/L``), integrated by Euler or Heun (eq. (8)), trained with one of three backward passes.
+    ``forward(h, trajectory=False)`` maps ``h`` (``(batch, dim)``, or ``(copies, batch, dim)`` with ``copies``) to
+    ``h_L``, or with ``trajectory`` to all ``L + 1`` states stacked (not with ``fused``).
 
-    ``depth`` is the number of residual steps; Heun holds ``depth + 1`` weights. ``init`` is a kind of
-    ``resnode.init.INIT_KINDS`` (or one per weight tensor); ``scaling`` picks the step of ``step_size``.
-    With ``copies=S``, ``S`` independent networks run at once (seeds): every weight tensor gets a
-    dimension of size ``S`` after depth, and inputs must be ``(S, batch, dim)``. With ``fused=True`` a
-    perceptron ResNet (Euler) runs on ``resnode.engine`` (same values, hand-written backward, several
-    times faster); the default is autograd through the plain loop, the reference.
+    Parameters
+    ----------
+    block
+        The residual function, in one of three forms:
+
+        - a stacked residual of this module (:class:`Perceptron`, :class:`Linear`, :class:`StateFree`): one weight
+          tensor per kind, stacked across depth in ``self.weights`` (``(L, ...)``; Heun ``(L + 1, ...)``), drawn by
+          :func:`resnode.init.init_weights` with ``init`` (``"iid"``, ``"smooth"``, ``"tied"``, ``"zero"``,
+          ``"alternating"``, or one kind per tensor), ``std``, ``lengthscale``, ``generator``, ``dtype``, ``copies``;
+        - an :class:`torch.nn.Module`: one copy per layer in ``self.blocks``, each re-initialised
+          (``init="iid"``: its submodules' ``reset_parameters()``) or all starting as ``block`` (``init="tied"``);
+          with ``tied=True`` the one module is applied at every layer (weight tying);
+        - a function of no arguments that returns a new block: called once per layer (``init`` is then its business).
+    depth
+        The number of residual steps ``L``.
+    scaling
+        The step ``a_L`` (:func:`step_size`): ``"1/L"``, ``"1/sqrt(L)"``, ``"L^-beta"`` (with ``beta``) or ``"1"``.
+    method
+        ``"euler"`` (eq. (1)) or ``"heun"`` (eq. (8), one more layer of weights).
+    backward
+        ``"backprop"`` (exact autograd, storing every activation), ``"adjoint"`` (Sander et al. Section 4: only the
+        output is stored and the activations are rebuilt backwards, eqs. (6)/(9); memory constant in depth,
+        gradients exact up to ``O(1/L)``, Props 4 and 6) or ``"checkpoint"`` (:func:`torch.utils.checkpoint` over
+        ``sqrt(L)`` segments: exact gradients, memory ``O(sqrt(L))``). An attribute: a trained network switches
+        in place (``net.backward = "backprop"``), keeping its parameters.
+    fused
+        A :class:`Perceptron` ResNet (Euler, backprop) on :mod:`resnode.engine`: the same values, a hand-written
+        backward, several times faster on the CPU.
     """
 
-    def __init__(self, residual, depth: int, init="iid", scaling: str = "1/L", beta: float | None = None,
-                 integrator: str = "euler", std: float = 1.0, lengthscale: float = 0.1,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-                 copies: int | None = None, fused: bool = False):
+    def __init__(self, block, depth: int, init="iid", scaling: str = "1/L", beta: float | None = None,
+                 method: str = "euler", backward: str = "backprop", tied: bool = False, std: float = 1.0,
+                 lengthscale: float = 0.1, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32, copies: int | None = None, fused: bool = False):
         super().__init__()
-        if fused and not (isinstance(residual, Perceptron) and integrator == "euler"):
-            raise ValueError("fused=True needs a Perceptron residual and the euler integrator")
-        self.fused = bool(fused)
-        self.residual = residual
         self.depth = _checks.positive_int("depth", depth)
-        self.integrator = _checks.one_of("integrator", integrator, tuple(INTEGRATORS))
+        self.method = _checks.one_of("method", method, METHODS)
+        self.scaling = _checks.one_of("scaling", scaling, SCALINGS)
         self.step = step_size(depth, scaling, beta)
-        knots = depth + (integrator == "heun")
-        shapes = residual.shapes if copies is None else [(_checks.positive_int("copies", copies),) + s for s in residual.shapes]
+        self.backward = backward
+        self.fused, self.tied = bool(fused), bool(tied)
+        knots = depth + (method == "heun")
+        if isinstance(block, nn.Module) or (callable(block) and not hasattr(block, "shapes")):
+            if fused or copies is not None:
+                raise ValueError("fused and copies are for the stacked residuals of resnode.models, not nn.Module blocks")
+            if isinstance(block, nn.Module):
+                if tied:
+                    blocks = [block] * knots
+                else:
+                    blocks = _fresh_copies(block, knots, _checks.one_of("init", init, ("iid", "tied")))
+            else:
+                blocks = [block() for _ in range(1 if tied else knots)]
+                if not all(isinstance(b, nn.Module) for b in blocks):
+                    raise TypeError(f"a block factory must return nn.Module objects; got {type(blocks[0]).__name__}")
+                blocks = blocks * knots if tied else blocks
+            self.residual, self.blocks = None, nn.ModuleList(blocks)
+            return
+        if not hasattr(block, "shapes"):
+            raise TypeError(f"block must be an nn.Module, a function returning one, or a stacked residual of "
+                            f"resnode.models (Perceptron, Linear, StateFree); got {type(block).__name__}")
+        if tied:
+            raise ValueError("tied=True is for nn.Module blocks; stacked residuals start tied with init='tied'")
+        if fused and not (isinstance(block, Perceptron) and method == "euler" and self.backward == "backprop"):
+            raise ValueError("fused=True needs a Perceptron residual, the euler method and backward='backprop'")
+        self.residual, self.blocks = block, None
+        shapes = block.shapes if copies is None else [(_checks.positive_int("copies", copies),) + s for s in block.shapes]
         weights = init_weights(init, knots, shapes, std=std, lengthscale=lengthscale,
                                spacing=1.0 / depth, generator=generator, dtype=dtype)
         self.weights = nn.ParameterList(nn.Parameter(w) for w in weights)
 
+    @property
+    def backward(self) -> str:
+        """The backward pass: ``"backprop"``, ``"adjoint"`` or ``"checkpoint"``; settable on a trained network."""
+        return self._backward
+
+    @backward.setter
+    def backward(self, value: str) -> None:
+        value = _checks.one_of("backward", value, BACKWARDS)
+        if getattr(self, "fused", False) and value != "backprop":
+            raise ValueError("a fused network has the engine's own (exact) backward; build it with fused=False")
+        self._backward = value
+
+    def extra_repr(self) -> str:
+        """The depth, scaling and step, method, backward pass, block type, and ``tied`` / ``fused`` when set."""
+        block = type(self.residual).__name__ if self.residual is not None else type(self.blocks[0]).__name__
+        return (f"depth={self.depth}, scaling={self.scaling!r} (step {self.step:.3g}), method={self.method!r}, "
+                f"backward={self.backward!r}, block={block}" + (", tied" if self.tied else "")
+                + (", fused" if self.fused else ""))
+
     def forward(self, h: Tensor, trajectory: bool = False) -> Tensor:
+        """``h_L`` (or every state ``h_0 .. h_L`` stacked, with ``trajectory``) from ``h = h_0``."""
+        from . import adjoint  # adjoint imports this module
+
         if self.fused:
             from . import engine  # engine imports this module
 
@@ -222,8 +317,16 @@ class ResNet(nn.Module):
                 with torch.no_grad():
                     return engine.forward(h, W, V, b[0] if b else None, spec).states
             return engine.resnet(h, W, V, b[0] if b else None, spec=spec)
-        return INTEGRATORS[self.integrator](h, self.residual, tuple(self.weights), self.step, trajectory)
+        if self.residual is not None and (trajectory or self.backward == "backprop"):
+            return INTEGRATORS[self.method](h, self.residual, tuple(self.weights), self.step, trajectory)
+        if trajectory:
+            states = [h]
+            for n in range(self.depth):
+                states.append(adjoint.forward_step(self.method, self.blocks, n, states[-1], self.step))
+            return torch.stack(states)
+        blocks = list(self.blocks) if self.residual is None else adjoint.StackedLayers(self.residual, tuple(self.weights))
+        return adjoint.integrate(h, blocks, self.step, self.method, self.backward)
 
 
 __all__ = ["Weights", "SCALINGS", "ACTIVATIONS", "activation", "step_size", "Perceptron", "Linear", "StateFree",
-           "euler", "heun", "INTEGRATORS", "ResNet"]
+           "euler", "heun", "INTEGRATORS", "METHODS", "BACKWARDS", "ResNet"]

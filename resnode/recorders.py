@@ -58,12 +58,14 @@ class Loss:
         self._values: list[np.ndarray] = []
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        """Record ``loss`` (float64, ``()`` or ``(S,)``) and ``t`` if iteration ``t`` is a multiple of ``every``."""
         if t % self.every == 0:
             self.times.append(t)
             self._values.append(loss.detach().cpu().double().numpy())
 
     @property
     def values(self) -> np.ndarray:
+        """The recorded losses, ``(records, *copies)``, one row per entry of ``.times``."""
         return np.stack(self._values)
 
 
@@ -94,6 +96,9 @@ class MaxIncrement:
         self.__dict__.update(state, _buffers={})
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        """Take iteration ``t``'s increments ``||Z_{k+1}(t) - Z_k(t)||_F`` of each named tensor into ``.now``, the
+        running max and the sum of squares; at a horizon ``t = T``, record ``.max`` and ``.l2`` (the sum over
+        ``t < T``)."""
         for name in self.names:
             inc = increments(weights[name], self.copies, self._buffers.setdefault(name, {}))
             top = inc.max(0).values
@@ -126,6 +131,8 @@ class Snapshots:
         self.taken: dict[int, dict[str, Tensor]] = {}
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        """At a chosen iteration ``t``, keep a detached copy of every ``stride``-th layer of each named tensor
+        (only ``entries`` if given) in ``.taken[t]``."""
         if t in self.times:
             taken = {}
             for name in self.names:
@@ -158,6 +165,8 @@ class DistanceTo:
         self._values: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        """At an iteration ``t`` the reference holds, record each named tensor's distance to it (Marion et al. Fig. 1
+        right), ``(1/L sum_i ||Z_i(t) - Z^ref_{i L_ref / L}(t)||_F^2)^{1/2}``, of shape ``(*copies)``."""
         if t not in self.reference:
             return
         self.times.append(t)
@@ -178,12 +187,14 @@ class DistanceTo:
 
     @property
     def values(self) -> dict[str, np.ndarray]:
+        """The recorded distances by name, each ``(times, *copies)``, one row per entry of ``.times``."""
         return {n: np.stack(v) for n, v in self._values.items()}
 
 
 class Clock:
     """The wall time a run spends between its updates, summed over the pieces of a resumed run, and the peak
-    resident memory of the process so far (``getrusage``'s ``ru_maxrss``, kibibytes on Linux).
+    resident memory of the process so far in bytes, ``.peak_rss_bytes`` (``getrusage``'s ``ru_maxrss``, which Linux
+    gives in kibibytes).
 
     ``.seconds`` / ``.updates`` is the time per iteration. The time between a checkpoint and its resumption is not
     counted: a checkpoint keeps the totals, not the moment of the last update.
@@ -196,6 +207,8 @@ class Clock:
         self._last: float | None = None
 
     def update(self, t: int, weights: dict[str, Tensor], loss: Tensor) -> None:
+        """Add the wall time since the previous update (none at the first) to ``.seconds``, count the iteration, and
+        update the peak resident memory ``.peak_rss_bytes``."""
         now = time.perf_counter()
         if self._last is not None:
             self.seconds += now - self._last

@@ -113,6 +113,7 @@ class Record:
 
     @property
     def claims(self) -> dict:
+        """The claims checked so far, by name: ``{"statement", "passed", "figures"}`` (and ``"error"`` if failed)."""
         return self.data["claims"]
 
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .train import check_divergence
 
 
 def _nu(nu, above: float = 0.0) -> float:
@@ -142,14 +143,17 @@ class FourierFeatures:
 
     @property
     def p(self) -> int:
+        """The number of frequencies ``p`` (rows of ``omega``)."""
         return self.omega.shape[0]
 
     @property
     def dim(self) -> int:
+        """The input dimension ``d`` (columns of ``omega``)."""
         return self.omega.shape[1]
 
     @property
     def width(self) -> int:
+        """The feature dimension ``2p`` (a cosine and a sine per frequency)."""
         return 2 * self.p
 
     def _x(self, x: Tensor) -> Tensor:
@@ -409,8 +413,7 @@ def gradient_descent(features: FourierFeatures, x0: Tensor, b: Tensor, y: Tensor
         if on_record is not None and (k % record_every == 0 or k == iterations):
             on_record(k, theta)
         ev = evaluate(theta, features, x0, b, y)
-        if not math.isfinite(ev.loss):
-            raise FloatingPointError(f"loss is {ev.loss} at iteration {k}: lower the learning rate lr={lr}")
+        check_divergence(ev.loss, hist["loss"][0] if hist["loss"] else ev.loss, k, f"the learning rate lr={lr}")
         hist["loss"].append(ev.loss)
         hist["grad2"].append(ev.h_grad_norm2)
         hist["radius"].append(h_norm(theta))
@@ -631,14 +634,17 @@ class ReLUFeatures:
 
     @property
     def p(self) -> int:
+        """The number of features ``p`` (rows of ``weight``)."""
         return self.weight.shape[0]
 
     @property
     def dim(self) -> int:
+        """The input dimension ``d`` (columns of ``weight``)."""
         return self.weight.shape[1]
 
     @property
     def width(self) -> int:
+        """The feature dimension ``p`` (one ReLU per row of ``weight``)."""
         return self.p
 
     def __call__(self, x: Tensor) -> Tensor:

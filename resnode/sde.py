@@ -81,6 +81,7 @@ class BrownianGrid:
 
     @property
     def steps(self) -> int:
+        """The number ``N`` of fine steps (of increments)."""
         return self.increments.shape[0]
 
     def coarse(self, depth: int) -> Tensor:
@@ -123,18 +124,22 @@ class GridBrownian(torchsde.BaseBrownian):
 
     @property
     def dtype(self):
+        """The dtype of the path."""
         return self._path.dtype
 
     @property
     def device(self):
+        """The device of the path."""
         return self._path.device
 
     @property
     def shape(self):
+        """The shape of one value of the path, ``(paths, channels)``."""
         return self._path.shape[1:]
 
     @property
     def levy_area_approximation(self):
+        """``"none"``: the grid carries no Levy area (torchsde then allows only methods that need none)."""
         return "none"
 
 
@@ -164,6 +169,7 @@ class SmoothDrift:
 
     @property
     def dim(self) -> int:
+        """The state dimension ``d``."""
         return self.vectors.shape[-1]
 
     def __call__(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -186,8 +192,14 @@ class Noise:
     s_A: float = 1.0
     s_b: float = 0.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "dim", _checks.positive_int("dim", self.dim))
+        for name in ("s_A", "s_b"):
+            object.__setattr__(self, name, _checks.nonnegative_float(name, getattr(self, name)))
+
     @property
     def channels(self) -> int:
+        """The number of Brownian channels, ``d^2 + d`` (one per entry of ``A``, then one per entry of ``b``)."""
         return self.dim * self.dim + self.dim
 
     def split(self, dW: Tensor) -> tuple[Tensor, Tensor]:
@@ -301,10 +313,13 @@ class LimitSDE(torch.nn.Module):
         self.drift, self.noise, self.curvature = drift, noise, float(curvature)
 
     def f(self, t, h):
+        """The drift ``Abar(t) h + bbar(t) + c/2 q(h)`` of Cont et al. (4.19) at ``h`` ``(P, d)``: ``(P, d)``."""
         A, b = self.drift(t)
         return h @ A.T + b + 0.5 * self.curvature * self.noise.q(h)
 
     def g(self, t, h):
+        """The diffusion ``g(h)``, ``g(h) dB = dW^A h + dW^b``, of Cont et al. (4.19) at ``h`` ``(P, d)``:
+        ``(P, d, channels)``."""
         return self.noise.diffusion(h)
 
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import _checks, engine, flow
+from . import _checks, checkpoints, engine, flow
+from .train import check_divergence
 
 DELTAS = ("shared", "layer")
 OPTIMIZERS = ("sgd", "adam")
@@ -125,6 +125,11 @@ def train(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str, *, 
     batch_size = _checks.positive_int("batch_size", batch_size)
     max_updates, max_epochs = _checks.positive_int("max_updates", max_updates), _checks.positive_int("max_epochs", max_epochs)
     stop_loss = _checks.nonnegative_float("stop_loss", stop_loss)
+    if len(x) == 0:
+        raise ValueError("x holds no samples")
+    dtypes = {n: w.dtype for n, w in weights.items()} | {"x": x.dtype, "y": y.dtype}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"x, y and the weights must share one dtype; got {dtypes}")
     if x.dim() != 2 or y.shape != x.shape or x.shape[1] != weights["A"].shape[-1]:
         raise ValueError(f"x and y must be (n, d={weights['A'].shape[-1]}); got {tuple(x.shape)} and {tuple(y.shape)}")
     if batch_size > len(x):
@@ -141,7 +146,7 @@ def train(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str, *, 
     g = torch.Generator().manual_seed(seed)
     workspace = engine.Workspace()
     adam = _Adam()
-    losses, updates, done = [], np.zeros(copies, dtype=int), 0
+    losses, updates, done, first = [], np.zeros(copies, dtype=int), 0, None
     expand = (lambda t: t.expand(*copies, *t.shape)) if copies else (lambda t: t)
     bar = tqdm(total=min(max_updates, per_epoch * max_epochs), disable=not progress,
                desc=f"SGD, L={weights['A'].shape[0]}, {activation}, {kind} delta")
@@ -155,8 +160,8 @@ def train(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str, *, 
                     break
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 loss, grads = loss_and_grads(expand(x[idx]), expand(y[idx]), weights, activation, workspace)
-                if not torch.isfinite(loss).all():
-                    raise FloatingPointError(f"loss became {loss} after {done} updates; lower lr")
+                first = loss.clone() if first is None else first
+                check_divergence(loss, first, done, "lr")
                 for name, w in weights.items():
                     direction = grads[name] if optimizer == "sgd" else adam.direction(name, grads[name])
                     w.addcmul_(direction, _broadcast(rate, w, name, kind), value=-1)
@@ -202,34 +207,31 @@ def _broadcast(rate: Tensor, w: Tensor, name: str, kind: str) -> Tensor:
 
 
 def train_depths(x: Tensor, y: Tensor, depths: Sequence[int], activation: str, delta: str, *, scale: float = 0.01,
-                 copies: int | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
+                 copies: int | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None,
                  progress: bool = False, **sgd) -> dict[int, Run]:
     """Train one network (or ``copies``) per depth from :func:`init_weights` (seeded by ``seed + depth``).
 
-    ``sgd``: the keyword arguments of :func:`train`. With ``cache`` (a folder), each depth's run is saved there
-    when done and loaded instead of retrained if present, so an interrupted sweep resumes; the folder name
-    should encode the settings (the files record them and a mismatch raises ``ValueError``).
+    ``sgd``: the keyword arguments of :func:`train`. With ``cache_dir`` (a folder), each depth's run is saved there
+    when done (:mod:`resnode.checkpoints`: file ``L<depth>`` plus a hash of the settings and the data) and loaded
+    instead of retrained when a run with the same settings finds it, so an interrupted sweep resumes with the
+    depths it had finished.
     """
-    folder = None if cache is None else Path(cache)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     settings = dict(activation=activation, delta=delta, scale=scale, copies=copies, seed=seed,
+                    data=checkpoints.digest([x, y]),
                     **{k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in sgd.items()})
     runs = {}
     for depth in tqdm(list(depths), disable=not progress, desc=f"depths ({activation}, {delta} delta)"):
-        path = None if folder is None else folder / f"L{depth:05d}.pt"
-        if path is not None and path.exists():
-            saved = torch.load(path, weights_only=False)
-            if saved["settings"] != settings:
-                raise ValueError(f"{path} was trained with {saved['settings']}, not {settings}")
-            runs[depth] = saved["run"]
+        key = dict(settings, depth=int(depth))
+        target = checkpoints.path(cache_dir, f"L{int(depth):05d}", key) if cache_dir else None
+        saved = checkpoints.load(target, key) if target is not None else None
+        if saved is not None:
+            runs[depth] = Run(saved["weights"], saved["epoch_losses"], saved["updates"])
             continue
         weights = init_weights(depth, x.shape[1], delta, scale=scale, copies=copies, seed=seed + depth, dtype=x.dtype)
         runs[depth] = train(x, y, weights, activation, seed=seed + depth, **sgd)
-        if path is not None:
-            partial = path.with_name(path.name + ".partial")
-            torch.save({"settings": settings, "run": runs[depth]}, partial)
-            os.replace(partial, path)
+        if target is not None:
+            run = runs[depth]
+            checkpoints.save(target, {"weights": run.weights, "epoch_losses": run.epoch_losses, "updates": run.updates}, key)
     return runs
 
 

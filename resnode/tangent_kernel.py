@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .train import check_divergence
 from .engine import activation_derivative
 from .models import ACTIVATIONS, Perceptron, activation as activation_function, euler
 
@@ -296,8 +297,8 @@ def gradient_flow(x: Tensor, y: Tensor, params: dict, steps: int, dt: float, *, 
         hL = trace.states[-1]
         residual = (hL if B is None else hL @ B.mT) - y
         loss = residual.square().sum((-2, -1)) / n
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError(f"loss became {loss} at iteration {t}; lower dt")
+        first = loss.clone() if t == 0 else first
+        check_divergence(loss, first, t, "dt")
         if t % every == 0 or t == steps:
             history["t"].append(t)
             history["loss"].append(loss.numpy().copy())

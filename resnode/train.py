@@ -21,15 +21,30 @@ class DivergenceError(FloatingPointError):
     """The loss became NaN or infinite, or grew far beyond its first value: the step size is too large."""
 
 
-def check_divergence(value: float, first: float, step: int, knob: str) -> None:
+def check_divergence(value, first, step: int | str, knob: str) -> None:
     """Raise :class:`DivergenceError` naming ``knob`` (the step size to lower) if the loss ``value`` at iteration
-    ``step`` is not finite or exceeds ``DIVERGENCE_FACTOR`` times the first loss ``first``. A first loss of 0 gives no
-    scale (training along a ``continuation`` starts at its target: the loss is 0, then grows as the target moves), so
+    ``step`` is not finite or exceeds ``DIVERGENCE_FACTOR`` times the first loss ``first``. ``value`` and ``first``
+    are numbers or tensors of one loss per copy (every copy is checked). A first loss of 0 gives no scale
+    (training along a ``continuation`` starts at its target: the loss is 0, then grows as the target moves), so
     then only a non-finite loss counts."""
-    if not math.isfinite(value):
-        raise DivergenceError(f"the loss became {value} at iteration {step}: lower {knob}")
-    if first != 0 and value > DIVERGENCE_FACTOR * abs(first):
-        raise DivergenceError(f"the loss grew from {first:.3g} to {value:.3g} by iteration {step} "
+    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    first = torch.as_tensor(first, dtype=torch.float64).detach().cpu().expand_as(value)
+    where = "" if value.dim() == 0 else " in copies {}"
+    if not torch.isfinite(first).all():  # the first loss: no step has been taken yet
+        shown = first.item() if first.dim() == 0 else first.tolist()
+        raise DivergenceError(f"the loss is {shown} before any step (iteration {step}): the data or the starting "
+                              "weights hold NaN or inf, or the network overflows at its start; lowering a step size "
+                              "cannot help")
+    if not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+        shown = value.item() if value.dim() == 0 else value[~torch.isfinite(value)].tolist()
+        raise DivergenceError(f"the loss became {shown} at iteration {step}{where.format(bad)}: lower {knob}")
+    grown = (first != 0) & (value > DIVERGENCE_FACTOR * first.abs())
+    if grown.any():
+        i = grown.flatten().nonzero()[0].item()
+        was, now = first.flatten()[i].item(), value.flatten()[i].item()
+        raise DivergenceError(f"the loss grew from {was:.3g} to {now:.3g} by iteration {step}"
+                              f"{where.format(grown.flatten().nonzero().flatten().tolist())} "
                               f"(more than {DIVERGENCE_FACTOR:.0e} times): the iteration diverges; lower {knob}")
 
 

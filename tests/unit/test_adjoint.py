@@ -58,11 +58,11 @@ def test_exact_when_the_steps_are_exactly_invertible(method):
     assert max(errors.values()) < 1e-13
     # and the input gradient too
     grads = {}
-    for mode in adjoint.MODES:
-        stack.mode = mode
+    for backward in ("adjoint", "backprop"):
+        stack.backward = backward
         x.grad = None
         (stack(x) ** 3).sum().backward()
-        grads[mode] = x.grad.clone()
+        grads[backward] = x.grad.clone()
     torch.testing.assert_close(grads["adjoint"], grads["backprop"])
 
 
@@ -118,11 +118,11 @@ def test_conv_blocks_with_batch_norm():
         # running statistics move exactly as under backprop: one update per forward pass
         reference = {k: v.clone() for k, v in stack.state_dict().items()}
         means = {}
-        for mode in adjoint.MODES:
+        for backward in ("adjoint", "backprop"):
             stack.load_state_dict(reference)
-            stack.mode = mode
+            stack.backward = backward
             stack(x).square().mean().backward()
-            means[mode] = stack.blocks[0].body[0].running_mean.clone()
+            means[backward] = stack.blocks[0].body[0].running_mean.clone()
         torch.testing.assert_close(means["adjoint"], means["backprop"])
     assert errors[1] < 0.5 * errors[0] and errors[1] < 0.01
 
@@ -130,12 +130,12 @@ def test_conv_blocks_with_batch_norm():
 def test_memory_is_flat_in_depth_for_the_adjoint():
     x = inputs().requires_grad_()
     sizes = {}
-    for mode in adjoint.MODES:
-        sizes[mode] = []
+    for backward in ("adjoint", "backprop"):
+        sizes[backward] = []
         for depth in (16, 64):
             stack = perceptron_stack(depth, "euler")
-            stack.mode = mode
-            sizes[mode].append(adjoint.saved_tensor_bytes(lambda: stack(x).sum()))
+            stack.backward = backward
+            sizes[backward].append(adjoint.saved_tensor_bytes(lambda: stack(x).sum()))
     assert sizes["adjoint"][0] == sizes["adjoint"][1]
     assert sizes["backprop"][1] > 3.5 * sizes["backprop"][0]
 
@@ -143,8 +143,8 @@ def test_memory_is_flat_in_depth_for_the_adjoint():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         adjoint.ResidualStack([nn.Identity()], method="rk4")
-    with pytest.raises(ValueError, match="mode"):
-        adjoint.integrate(torch.zeros(1, 1), [nn.Identity()], mode="checkpoint")
+    with pytest.raises(ValueError, match="backward"):
+        adjoint.integrate(torch.zeros(1, 1), [nn.Identity()], backward="recompute")
     with pytest.raises(ValueError, match="heun needs at least 2"):
         adjoint.integrate(torch.zeros(1, 1), [nn.Identity()], method="heun")
 
@@ -154,11 +154,11 @@ def test_baselines_compute_the_same_network():
     stack = perceptron_stack(12, "euler")
     blocks = list(stack.blocks)
     x = inputs()
-    exact = adjoint.integrate(x, blocks, mode="backprop")
+    exact = adjoint.integrate(x, blocks, backward="backprop")
     torch.testing.assert_close(adjoint.checkpointed(x, blocks, segments=3), exact)
     torch.testing.assert_close(adjoint.torchdiffeq_adjoint(x, blocks), exact)
     grads = {}
-    for name, run in {"backprop": lambda: adjoint.integrate(x, blocks, mode="backprop"),
+    for name, run in {"backprop": lambda: adjoint.integrate(x, blocks, backward="backprop"),
                       "checkpoint": lambda: adjoint.checkpointed(x, blocks, segments=3)}.items():
         stack.zero_grad()
         run().square().sum().backward()

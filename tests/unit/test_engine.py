@@ -296,22 +296,46 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     x, y, weights, spec = marion_problem()
     full_losses = recorders.Loss()
     full = flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[full_losses])
-    path = tmp_path / "run.pt"
     with pytest.raises(Killed):
         flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[recorders.Loss(), Interrupt(7)],
-                           checkpoint=path, checkpoint_every=3)
-    assert torch.load(path, weights_only=False)["t"] == 6
+                           cache_dir=tmp_path, name="run", checkpoint_every=3)
+    (path,) = tmp_path.glob("run-*.pt")
+    assert torch.load(path, weights_only=True)["state"]["t"] == 6
     losses, Interrupt.armed = recorders.Loss(), False
     resumed = flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[losses, Interrupt(7)],
-                                 checkpoint=path, checkpoint_every=3)
+                                 cache_dir=tmp_path, name="run", checkpoint_every=3)
     assert torch.equal(resumed["V"], full["V"]) and losses.times == list(range(10))
     assert np.array_equal(losses.values, full_losses.values)
 
 
-def test_checkpoint_file_is_none_without_a_folder_and_creates_the_folder(tmp_path):
-    assert flow.checkpoint_file("", "run") is None
-    path = flow.checkpoint_file(tmp_path / "cache" / "deeper", "paper-L64")
-    assert path == tmp_path / "cache" / "deeper" / "paper-L64.pt" and path.parent.is_dir()
+def test_a_flow_never_adopts_the_checkpoint_of_another_configuration(tmp_path):
+    """Chapters 04 and 05 share a cache folder; a 5-step call must not return a 20-step run's weights."""
+    x, y, weights, spec = marion_problem()
+    long = flow.gradient_flow(x, y, weights, spec, steps=20, dt=0.05, cache_dir=tmp_path, name="run")
+    short = flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05, cache_dir=tmp_path, name="run")
+    assert torch.equal(short["V"], flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05)["V"])
+    assert not torch.equal(short["V"], long["V"])
+    deeper = {n: torch.repeat_interleave(w, 2, dim=0) for n, w in weights.items()}
+    wide = flow.gradient_flow(x, y, deeper, engine.Residual(spec.activation, step=spec.step / 2), steps=5, dt=0.05,
+                              cache_dir=tmp_path, name="run")
+    assert wide["V"].shape[0] == 2 * weights["V"].shape[0] and len(list(tmp_path.glob("run-*.pt"))) == 3
+
+
+def test_flow_refuses_targets_that_would_broadcast_and_mixed_dtypes():
+    x, y, weights, spec = marion_problem()
+    with pytest.raises(ValueError, match="y must have the shape of the outputs"):
+        flow.gradient_flow(x, y[:, :1], weights, spec, steps=2, dt=0.05)
+    with pytest.raises(TypeError, match="one dtype"):
+        flow.gradient_flow(x.float(), y, weights, spec, steps=2, dt=0.05)
+
+
+def test_a_loss_growing_a_million_times_without_overflowing_is_divergence():
+    from resnode import train
+    with pytest.raises(train.DivergenceError, match=r"grew from 1 to 2e\+06.*lower dt"):
+        train.check_divergence(2e6, 1.0, 7, "dt")
+    with pytest.raises(train.DivergenceError, match=r"copies \[1\].*lower dt"):
+        train.check_divergence(torch.tensor([0.5, 3e7]), torch.tensor([1.0, 2.0]), 3, "dt")
+    train.check_divergence(torch.tensor([0.5, 3e5]), torch.tensor([1.0, 2.0]), 3, "dt")  # grown 1.5e5 times: allowed
 
 
 def test_max_increment_of_known_weights():
@@ -356,17 +380,17 @@ def test_a_checkpoint_keeps_distances_but_not_their_reference(tmp_path):
     reference = {t: fine for t in range(10)}
     full = recorders.DistanceTo(reference)
     flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[full])
-    path = tmp_path / "run.pt"
     Interrupt.armed = True
     with pytest.raises(Killed):
         flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[recorders.DistanceTo(reference), Interrupt(7)],
-                           checkpoint=path, checkpoint_every=3)
-    saved = torch.load(path, weights_only=False)["recorders"][0]
-    assert "reference" not in saved.__dict__ and len(saved.times) == 6  # t = 0 .. 5 recorded before the save at 6
+                           cache_dir=tmp_path, name="run", checkpoint_every=3)
+    (path,) = tmp_path.glob("run-*.pt")
+    saved = torch.load(path, weights_only=True)["state"]["recorders"][0]
+    assert "reference" not in saved and len(saved["times"]) == 6  # t = 0 .. 5 recorded before the save at 6
     Interrupt.armed = False
     resumed = recorders.DistanceTo(reference)
     flow.gradient_flow(x, y, weights, spec, steps=9, dt=0.05, recorders=[resumed, Interrupt(7)],
-                       checkpoint=path, checkpoint_every=3)
+                       cache_dir=tmp_path, name="run", checkpoint_every=3)
     assert resumed.times == list(range(10)) and resumed.reference is not None
     for name in weights:
         assert np.array_equal(resumed.values[name], full.values[name]) and full.values[name].shape == (10,)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnode import adjoint, checkpoints, data, images, metrics
+from resnode import adjoint, checkpoints, data, images, metrics, train
 from resnode.data import Dataset
 
 
@@ -68,14 +68,14 @@ def test_sander_stages_step_tying_and_adjoint_stages():
     assert [s.stack.step for s in plain.stages] == [1.0, 1.0, 1.0]
     assert [len(s.stack.blocks) for s in scaled.stages] == [1, 2, 4]
     assert [s.tied for s in scaled.stages] == [False, True, True] and not any(s.tied for s in plain.stages)
-    assert [s.stack.mode for s in scaled.stages] == ["backprop", "backprop", "adjoint"]
+    assert [s.stack.backward for s in scaled.stages] == ["backprop", "backprop", "adjoint"]
     # tied: one block's parameters per stage, whatever its depth
     one = sum(p.numel() for p in scaled.stages[2].stack.blocks[0].parameters())
     assert sum(p.numel() for p in scaled.stages[2].stack.parameters()) == one
     x = torch.rand(3, 1, 16, 16)
     assert scaled(x).shape == (3, 10) and plain(x).shape == (3, 10)
-    images.set_mode(scaled, "backprop")
-    assert all(s.stack.mode == "backprop" for s in scaled.stages)
+    images.set_backward(scaled, "backprop")
+    assert all(s.stack.backward == "backprop" for s in scaled.stages)
     with pytest.raises(ValueError, match="adjoint_stages"):
         images.sander_resnet(blocks, widths, adjoint_stages=(4,))
 
@@ -136,7 +136,7 @@ def test_adjoint_gradients_of_a_stage_converge_like_one_over_depth():
 
 def test_adjoint_of_a_marion_stack_is_exact_while_its_residuals_are_zero():
     torch.manual_seed(0)
-    net = images.marion_resnet(6, "gelu", "iid", in_channels=1, image_size=12, mode="adjoint").double()
+    net = images.marion_resnet(6, "gelu", "iid", in_channels=1, image_size=12, backward="adjoint").double()
     x, y = torch.rand(8, 1, 12, 12, dtype=torch.float64), torch.arange(8) % 10
     h = net.stem(x).detach()
     loss = lambda stack: torch.nn.functional.cross_entropy(net.head(stack(h)), y)
@@ -271,11 +271,30 @@ def test_clip_norm_bounds_every_step():
         images.fit(net, toy_images(16), toy_images(8), 1, clip_norm=0.0, device="cpu")
 
 
-def test_a_diverging_run_names_its_epoch():
+def test_a_diverging_run_names_its_batch_and_epoch():
     torch.manual_seed(0)
     net = images.marion_resnet(2, "relu", "iid", in_channels=1, classes=3, image_size=12)
-    with pytest.raises(FloatingPointError, match=r"in epoch \d"):
+    with pytest.raises(train.DivergenceError, match=r"iteration \d+ of epoch \d.*lower the learning rate lr"):
         images.fit(net, toy_images(32), toy_images(16), 2, batch_size=16, lr=1e12, weight_decay=0, device="cpu")
+
+
+@pytest.mark.parametrize("targets, message", [(torch.zeros(0, dtype=torch.long), "holds no examples"),
+                                              (torch.zeros(8, 3, dtype=torch.long), "one integer class index"),
+                                              (torch.zeros(8), "one integer class index"),
+                                              (torch.zeros(5, dtype=torch.long), "one integer class index")])
+def test_fit_refuses_empty_data_and_targets_that_are_not_class_indices(targets, message):
+    inputs = torch.rand(len(targets) if len(targets) == 0 else 8, 1, 12, 12)
+    bad = data.Dataset(inputs, targets, "bad")
+    net = images.marion_resnet(2, in_channels=1, classes=3, image_size=12)
+    with pytest.raises(ValueError, match=message):
+        images.fit(net, bad, toy_images(8), 1, device="cpu")
+
+
+def test_a_network_with_a_lazy_head_trains():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    history = images.fit(net, toy_images(32), toy_images(16), 2, batch_size=16, lr=0.05, device="cpu")
+    assert len(history["loss"]) == 2 and net[-1].weight.shape == (3, 4 * 10 * 10)
 
 
 def test_step_memory_of_an_adjoint_stack_does_not_grow_with_depth():
@@ -283,7 +302,7 @@ def test_step_memory_of_an_adjoint_stack_does_not_grow_with_depth():
     for mode in ("backprop", "adjoint"):
         for depth in (4, 16):
             torch.manual_seed(0)
-            net = images.marion_resnet(depth, in_channels=1, image_size=12, mode=mode)
+            net = images.marion_resnet(depth, in_channels=1, image_size=12, backward=mode)
             measured = images.step_memory(net, torch.rand(8, 1, 12, 12), torch.arange(8) % 10)
             assert measured["measure"] == "saved tensors"
             memory[mode, depth] = measured["bytes"]

@@ -33,8 +33,10 @@ def test_fit_minimises_a_quadratic():
     assert history[-1] < 1e-10 < history[0]
     with pytest.raises(ValueError, match="optimizer"):
         train.fit([w], lambda step: (w**2).sum(), steps=1, lr=0.1, optimizer="lbfgs")
-    with pytest.raises(FloatingPointError, match="learning rate"):
+    with pytest.raises(FloatingPointError, match="before any step"):  # NaN from the start: not the learning rate's fault
         train.fit([w], lambda step: (w**2).sum() * float("nan"), steps=1, lr=0.1)
+    with pytest.raises(FloatingPointError, match="became nan at iteration 1: lower the learning rate"):
+        train.fit([w], lambda step: (w**2).sum() * (float("nan") if step else 1.0), steps=3, lr=0.1)
 
 
 def test_plotting_helpers():

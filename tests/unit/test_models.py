@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from resnode import init, metrics, models
+from resnode import adjoint, init, metrics, models
 
 
 class Rotation:
@@ -104,7 +105,8 @@ def test_step_sizes():
     (lambda: models.Perceptron(2, 3, activation="swish"), "activation"),
     (lambda: models.ResNet(models.Linear(2), depth=-1), "depth"),
     (lambda: models.ResNet(models.Linear(2), depth=4, init="orthogonal"), "init"),
-    (lambda: models.ResNet(models.Linear(2), depth=4, integrator="rk4"), "integrator"),
+    (lambda: models.ResNet(models.Linear(2), depth=4, method="rk4"), "method"),
+    (lambda: models.ResNet(models.Linear(2), depth=4, backward="recompute"), "backward"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -112,7 +114,7 @@ def test_bad_arguments_raise_value_error(call, match):
 
 
 def test_resnet_module_trains_and_heun_holds_one_more_knot():
-    net = models.ResNet(models.Linear(2), depth=8, integrator="heun", init="zero", dtype=torch.float64)
+    net = models.ResNet(models.Linear(2), depth=8, method="heun", init="zero", dtype=torch.float64)
     assert net.weights[0].shape == (9, 2, 2)
     x = torch.randn(16, 2, dtype=torch.float64)
     out = net(x)
@@ -134,3 +136,97 @@ def test_copies_are_independent_networks():
     assert all(w.grad[:, 1:].abs().max() == 0 and w.grad[:, 0].abs().max() > 0 for w in net.weights)
     with pytest.raises(ValueError, match="copies"):
         models.ResNet(res, 6, copies=0)
+
+
+# --- the front door: any block, three backward passes --------------------------------------------------------
+
+def loss_and_grads(net, x):
+    net.zero_grad(set_to_none=True)
+    loss = net(x).square().sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("method", models.METHODS)
+def test_stacked_weights_train_with_three_backward_passes_on_the_same_parameters(method):
+    """Checkpointing is exact. The adjoint's relative gradient error falls like 1/L for Euler (Prop. 4: O(1/L^2)
+    absolute, and each layer's gradient is O(1/L)); for Heun with smooth weights like 1/L^3, one order better than
+    Prop. 6 (chapter 3 explains why). Both networks discretise one smooth draw (the coarser takes every 4th layer)."""
+    fine = models.ResNet(models.Perceptron(3, 8), 64, init="smooth", method=method, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    errors = []
+    for depth in (16, 64):
+        net = models.ResNet(models.Perceptron(3, 8), depth, init="zero", method=method, dtype=torch.float64)
+        with torch.no_grad():
+            for w, reference in zip(net.weights, fine.weights):
+                w.copy_(reference[:: 64 // depth][: len(w)])
+        parameters = list(net.parameters())
+        exact_loss, exact = loss_and_grads(net, x)
+        net.backward = "checkpoint"
+        loss, grads = loss_and_grads(net, x)
+        assert torch.equal(loss, exact_loss) and all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(grads, exact))
+        net.backward = "adjoint"
+        loss, grads = loss_and_grads(net, x)
+        assert torch.equal(loss, exact_loss) and list(net.parameters()) == parameters  # switched in place
+        flat = lambda gs: torch.cat([g.flatten() for g in gs])
+        errors.append(((flat(grads) - flat(exact)).norm() / flat(exact).norm()).item())
+        assert errors[-1] == pytest.approx(adjoint.gradient_errors(lambda n: n(x).square().sum(), net)["(all)"], rel=1e-9)
+    slope = math.log(errors[1] / errors[0]) / math.log(4)
+    assert (abs(slope + 1) < 0.15 if method == "euler" else slope < -2.5), (errors, slope)
+
+
+def test_module_blocks_untied_tied_and_shared():
+    block = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    iid = models.ResNet(block, 6, init="iid")
+    weights = [b[0].weight for b in iid.blocks]
+    assert len(iid.blocks) == 6 and not torch.equal(weights[0], weights[1])  # drawn afresh per layer
+    tied = models.ResNet(block, 6, init="tied", method="heun")
+    assert len(tied.blocks) == 7 and all(torch.equal(b[0].weight, block[0].weight) for b in tied.blocks)
+    assert len({id(p) for p in tied.parameters()}) == 7 * 4  # separate parameters that start equal
+    shared = models.ResNet(block, 6, tied=True)
+    assert len(list(shared.parameters())) == 4 and shared.blocks[0] is shared.blocks[5] is block
+    built = models.ResNet(lambda: nn.Linear(4, 4), 5, scaling="1")
+    assert len({id(b) for b in built.blocks}) == 5 and built.step == 1.0
+    x = torch.randn(10, 4)
+    expected = x
+    for b in iid.blocks:
+        expected = expected + b(expected) / 6
+    torch.testing.assert_close(iid(x), expected)
+    assert iid(x, trajectory=True).shape == (7, 10, 4)
+    text = repr(shared)
+    assert "depth=6" in text and "method='euler'" in text and "backward='backprop'" in text and "tied" in text
+
+
+def test_module_blocks_with_the_adjoint_keep_constant_memory_and_the_gradients_of_backprop():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    memory = {}
+    for depth in (32, 128):
+        net = models.ResNet(block, depth, backward="adjoint")
+        memory[depth] = adjoint.saved_tensor_bytes(lambda: net(x).sum())
+        error = adjoint.gradient_errors(lambda n: n(x).square().sum(), net)["(all)"]
+        assert error < 2.0 / depth
+    assert memory[32] == memory[128]
+
+
+def test_front_door_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="reset_parameters"):
+        class Scale(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Parameter(torch.ones(3))
+
+            def forward(self, h):
+                return self.a * h
+        models.ResNet(Scale(), 4, init="iid")
+    with pytest.raises(ValueError, match="fused"):
+        models.ResNet(models.Perceptron(2, 3), 4, fused=True, backward="adjoint")
+    net = models.ResNet(models.Perceptron(2, 3), 4, fused=True)
+    with pytest.raises(ValueError, match="fused"):
+        net.backward = "adjoint"
+    with pytest.raises(TypeError, match="nn.Module"):
+        models.ResNet(42, 4)
+    with pytest.raises(ValueError, match="init"):
+        models.ResNet(nn.Linear(2, 2), 4, init="smooth")

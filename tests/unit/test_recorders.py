@@ -33,9 +33,8 @@ def test_clock_in_a_checkpointed_gradient_flow(tmp_path):
                "V": torch.zeros(8, 3, 4, dtype=torch.float64)}
     spec = engine.Residual("gelu", step=1 / 8)
     clock = recorders.Clock()
-    path = tmp_path / "run.pt"
-    flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05, recorders=[clock], checkpoint=path)
+    flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05, recorders=[clock], cache_dir=tmp_path)
     assert clock.updates == 5 and clock.seconds > 0
     reloaded = recorders.Clock()  # a finished run read back from its checkpoint: the totals of the run that trained
-    flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05, recorders=[reloaded], checkpoint=path)
+    flow.gradient_flow(x, y, weights, spec, steps=5, dt=0.05, recorders=[reloaded], cache_dir=tmp_path)
     assert reloaded.updates == 5 and reloaded.seconds == clock.seconds

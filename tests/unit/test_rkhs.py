@@ -162,8 +162,10 @@ def test_gradient_descent_from_zero_decreases_the_loss():
                                         on_record=lambda k, th: seen.append(k))
     assert seen == [0, 10, 20, 30] and hist["radius"][0] == 0
     assert np.all(np.diff(hist["loss"]) < 0) and hist["loss"][-1] < 0.5 * hist["loss"][0]
-    with pytest.raises(FloatingPointError, match="lr"):
+    with pytest.raises(FloatingPointError, match="before any step"):  # NaN targets: the data's fault, not lr's
         rkhs.gradient_descent(f, x0, b, y * float("nan"), steps=4, iterations=2, lr=0.5)
+    with pytest.raises(FloatingPointError, match="diverges; lower the learning rate lr=10000"):
+        rkhs.gradient_descent(f, x0, b, y, steps=4, iterations=30, lr=1e4)
 
 
 def test_bad_arguments():

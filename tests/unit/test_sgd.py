@@ -95,14 +95,17 @@ def test_homogeneous_rescaling_and_rebuild_are_exact_for_relu():
     assert sgd.residual_scale(shared)[0] is shared["A"]
 
 
-def test_train_depths_caches_and_resumes(tmp_path):
+def test_train_depths_caches_and_resumes_and_another_configuration_never_adopts_a_run(tmp_path):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
     kwargs = dict(batch_size=4, max_updates=3, lr=0.1)
-    first = sgd.train_depths(x, y, [3, 5], "tanh", "shared", cache=tmp_path, **kwargs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["L00003.pt", "L00005.pt"]
-    again = sgd.train_depths(x, y, [3, 5], "tanh", "shared", cache=tmp_path, **kwargs)
+    first = sgd.train_depths(x, y, [3, 5], "tanh", "shared", cache_dir=tmp_path, **kwargs)
+    assert sorted(p.name[:6] for p in tmp_path.iterdir()) == ["L00003", "L00005"]
+    again = sgd.train_depths(x, y, [3, 5], "tanh", "shared", cache_dir=tmp_path, **kwargs)
     assert np.array_equal(first[5].epoch_losses, again[5].epoch_losses)
-    with pytest.raises(ValueError, match="trained with"):
-        sgd.train_depths(x, y, [3], "tanh", "shared", cache=tmp_path, batch_size=4, max_updates=3, lr=0.2)
+    assert all(torch.equal(first[5].weights[k], again[5].weights[k]) for k in first[5].weights)
+    for change in (dict(lr=0.2), dict(x=x + 1)):  # other settings, other data: trained afresh, in their own files
+        other = sgd.train_depths(change.pop("x", x), y, [3], "tanh", "shared", cache_dir=tmp_path, **{**kwargs, **change})
+        assert not np.array_equal(other[3].epoch_losses, first[3].epoch_losses)
+    assert len(list(tmp_path.iterdir())) == 4
 

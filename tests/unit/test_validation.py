@@ -113,3 +113,26 @@ def test_matern_at_the_ends_of_its_range():
     assert k[0] == 1.0 and k[1] == 0.0  # the limits, not 1.0 for both as nan_to_num made them
     with pytest.raises(ValueError, match="NaN"):
         rkhs.matern([float("nan")], 3.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: sde.Noise(2, s_A=-0.5), "s_A"),
+    (lambda: sde.Noise(2, s_b=float("nan")), "s_b"),
+    (lambda: sde.Noise(0), "dim"),
+])
+def test_noise_refuses_negative_or_nan_scales_and_empty_dimensions(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_nan_in_the_data_is_not_blamed_on_the_step_size():
+    from resnode import sgd
+
+    x = torch.randn(16, 3, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    with pytest.raises(train.DivergenceError, match="before any step.*data or the starting weights"):
+        sgd.train(x, x, sgd.init_weights(4, 3), "tanh", batch_size=16)
+    with pytest.raises(TypeError, match="one dtype"):
+        sgd.train(x.float(), x.float(), sgd.init_weights(4, 3), "tanh", batch_size=4)
+    with pytest.raises(ValueError, match="no samples"):
+        sgd.train(x[:0], x[:0], sgd.init_weights(4, 3), "tanh")
