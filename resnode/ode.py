@@ -78,19 +78,19 @@ class InterpolatedField:
         return self.residual.segment_lipschitz(left, right).amax(dim=0)
 
 
-def solve(field: Callable, x0: Tensor, intervals: int, substeps: int = 8, method: str = "rk4") -> tuple[Tensor, Tensor]:
+def solve(field: Callable, x0: Tensor, depth: int, substeps: int = 8, method: str = "rk4") -> tuple[Tensor, Tensor]:
     """Solve ``dx/ds = field(s, x)`` on [0, 1] on a fixed grid aligned with the knots ``n/N``.
 
-    Each of the ``N = intervals`` intervals is split into ``substeps`` steps, so a field that is only
-    piecewise smooth in ``s`` is integrated at full order. Returns the grid and the states on it,
+    Each of the ``N = depth`` intervals (one per layer of the ResNet the ODE interpolates) is split into
+    ``substeps`` steps, so a field that is only piecewise smooth in ``s`` is integrated at full order. Returns the grid and the states on it,
     shape ``(N * substeps + 1, *x0.shape)``. ``rk4`` is torchdiffeq's fixed-grid RK4 (the 3/8 rule);
     for an ``InterpolatedField`` it runs here, with the weights at every stage interpolated ahead of
     the loop (the same scheme, several times faster); other methods and fields go to torchdiffeq.
     """
-    intervals = _checks.positive_int("intervals", intervals)
+    depth = _checks.positive_int("depth", depth)
     substeps = _checks.positive_int("substeps", substeps)
-    grid = torch.linspace(0.0, 1.0, intervals * substeps + 1, dtype=x0.dtype, device=x0.device)
-    if method == "rk4" and isinstance(field, InterpolatedField) and field.intervals == intervals:
+    grid = torch.linspace(0.0, 1.0, depth * substeps + 1, dtype=x0.dtype, device=x0.device)
+    if method == "rk4" and isinstance(field, InterpolatedField) and field.intervals == depth:
         return grid, _rk38_interpolated(field, x0, substeps)
     from torchdiffeq import odeint  # imported here: it pulls in scipy (a second at import) for the methods only it has
 

@@ -106,7 +106,7 @@ def test_bad_arguments():
         ode.InterpolatedField(constant, (torch.zeros(1, 1),))
     with pytest.raises(ValueError, match="depth"):
         ode.euler_bound(1.0, 1.0, 0)
-    with pytest.raises(ValueError, match="intervals"):
+    with pytest.raises(ValueError, match="depth"):
         ode.solve(lambda s, x: x, torch.zeros(1), -2)
 
 
