@@ -42,6 +42,14 @@ def nonnegative_float(name: str, value) -> float:
     return number
 
 
+def same_dtype(**tensors) -> None:
+    """Raise ``TypeError`` listing the dtypes unless every tensor given by name has the same one (torch's own error
+    for mixed float32/float64 names no argument)."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{', '.join(dtypes)} must share one dtype; got {dtypes}")
+
+
 def one_of(name: str, value, allowed: Iterable):
     """Return ``value`` if it is in ``allowed``, else raise ``ValueError`` listing the choices."""
     allowed = tuple(allowed)

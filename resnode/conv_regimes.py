@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import _checks
+from . import _checks, data
 from .data import Dataset
+from .images import fit
 
 PAPER_BLOCKS = {8: (2, 2, 2, 2), 11: (2, 3, 4, 2), 12: (2, 3, 5, 2), 14: (3, 3, 5, 3), 16: (3, 4, 6, 3),
                 18: (3, 4, 8, 3), 20: (3, 4, 10, 3), 24: (3, 4, 14, 3), 28: (3, 4, 18, 3), 33: (3, 4, 23, 3),
@@ -292,8 +293,6 @@ def image_data(dataset: str, train_limit: int | None = None, seed: int = 0) -> t
     ``"cifar-10"``: the official split (raises ``DatasetNotFoundError`` where CIFAR-10 is absent).
     ``train_limit`` keeps the first images of the training set.
     """
-    from . import data
-
     _checks.one_of("dataset", dataset, ("digits", "cifar-10"))
     if dataset == "cifar-10":
         train, test = data.cifar10("train", limit=train_limit), data.cifar10("test")
@@ -314,8 +313,6 @@ def run_depth(blocks: Sequence[int], channels: Sequence[int], train: Dataset, te
     as in App. A; ``training``: its keyword arguments, such as ``device``, ``cache_dir`` and ``name``) and measure its
     kernels before and after: ``{"model", "history", "init", "trained", "update"}``, the last three from
     :func:`network_statistics` (``update``: of the trained minus the initial kernels). The model comes back on the CPU."""
-    from .images import fit
-
     torch.manual_seed(seed)
     model = RegimeResNet(blocks, channels, in_channels=train.inputs.shape[1], classes=int(train.targets.max()) + 1)
     size = train.inputs.shape[-1]

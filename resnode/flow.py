@@ -45,7 +45,8 @@ def _per_copy(dt, weights: dict[str, Tensor]) -> dict[str, Tensor | float]:
 
 def _recorder_state(recorder) -> dict:
     """What a checkpoint keeps of a recorder: its attributes (less what its ``__getstate__`` leaves out)."""
-    return dict(recorder.__getstate__() if hasattr(recorder, "__getstate__") else recorder.__dict__)
+    state = recorder.__getstate__() if hasattr(recorder, "__getstate__") else recorder.__dict__
+    return dict(state or {})  # object.__getstate__ gives None for an object without attributes
 
 
 def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine.Residual, steps: int, dt,
@@ -72,9 +73,7 @@ def gradient_flow(x: Tensor, y: Tensor, weights: dict[str, Tensor], spec: engine
         clip = _checks.positive_float("clip", clip)
     if not set(weights) <= {"W", "V", "b"} or "W" not in weights:
         raise ValueError(f"weights must name W and optionally V and b; got {sorted(weights)}")
-    dtypes = {n: w.dtype for n, w in weights.items()} | {"x": x.dtype, "y": y.dtype}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"x, y and the weights must share one dtype; got {dtypes}")
+    _checks.same_dtype(x=x, y=y, **weights)
     weights = {n: w.detach().clone() for n, w in weights.items()}
     copies = weights["W"].dim() - 3
     if copies and x.dim() == 2:

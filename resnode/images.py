@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import _checks, checkpoints
+from . import _checks, checkpoints, recorders
 from .adjoint import BACKWARDS, METHODS, ResidualStack, gradient_errors, saved_tensor_bytes
 from .data import Dataset, ImageFolder
 from .train import check_divergence
@@ -359,7 +359,7 @@ def increments(stack: ResidualStack, name: str) -> Tensor:
     weights = across_depth(stack, name).double()
     if len(weights) < 2:
         raise ValueError("increments need at least two blocks")
-    return (weights[1:] - weights[:-1]).flatten(1).norm(dim=1)
+    return recorders.increments(weights, 0)
 
 
 def smoothness(stack: ResidualStack, names: Sequence[str] = ("conv1", "conv2")) -> dict[str, float]:
@@ -379,13 +379,13 @@ def depth_statistics(stack: ResidualStack, initial: Mapping[str, Tensor] | None 
     out = {}
     for name in names:
         weights = across_depth(stack, name).double()
-        steps = (weights[1:] - weights[:-1]).flatten(1).norm(dim=1)
+        steps = recorders.increments(weights, 0)
         entry = {"increments": steps.tolist(), "smoothness": float(steps.mean()),
                  "norm": float(weights.flatten(1).norm(dim=1).mean())}
         if initial is not None:
             update = weights - initial[name].double().to(weights.device)
             entry["update"] = float(update.flatten(1).norm(dim=1).mean())
-            entry["update_increments"] = float((update[1:] - update[:-1]).flatten(1).norm(dim=1).mean())
+            entry["update_increments"] = float(recorders.increments(update, 0).mean())
         out[name] = entry
     return out
 

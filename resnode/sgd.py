@@ -127,9 +127,7 @@ def train(x: Tensor, y: Tensor, weights: dict[str, Tensor], activation: str, *, 
     stop_loss = _checks.nonnegative_float("stop_loss", stop_loss)
     if len(x) == 0:
         raise ValueError("x holds no samples")
-    dtypes = {n: w.dtype for n, w in weights.items()} | {"x": x.dtype, "y": y.dtype}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"x, y and the weights must share one dtype; got {dtypes}")
+    _checks.same_dtype(x=x, y=y, **weights)
     if x.dim() != 2 or y.shape != x.shape or x.shape[1] != weights["A"].shape[-1]:
         raise ValueError(f"x and y must be (n, d={weights['A'].shape[-1]}); got {tuple(x.shape)} and {tuple(y.shape)}")
     if batch_size > len(x):
